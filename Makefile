@@ -1,0 +1,29 @@
+# Every target creates .venv itself on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+
+.PHONY: demo test lint assets bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade -q pip
+	$(VENV)/bin/pip install -e '.[torch,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+assets: $(STAMP)
+	$(PY) tools/fetch_assets.py
+
+demo: assets
+	$(PY) tools/parity_report.py --model assets/smollm2-135m
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check zhjax tools tests bench
+
+clean:
+	rm -rf $(VENV) assets

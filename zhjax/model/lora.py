@@ -1,0 +1,111 @@
+"""Linear layers with optional LoRA adapters, and the verbs that act on them.
+
+A `Linear` holds a frozen-by-convention `kernel` (`[in, out]`, an `nnx.Param`) and, when it is a LoRA target,
+two `nnx.LoRAParam` factors `lora_a` (`[in, r]`) and `lora_b` (`[r, out]`), so that
+
+    y = x @ kernel + bias + (dropout(x) @ lora_a @ lora_b) * alpha / r
+
+exactly as PEFT computes it (PEFT stores `lora_A.weight` as `[r, in]` and `lora_B.weight` as `[out, r]`; the
+transposes live in `zhjax.convert`). Initialisation is PEFT's: A Kaiming-uniform with a = sqrt(5), i.e.
+U(-1/sqrt(in), 1/sqrt(in)), and B zeros, so a fresh adapter leaves the model unchanged.
+
+Every weight may carry leading "stack" dimensions (the decoder's `layers` axis): the layer body is written
+for one layer and `jax.lax.scan` hands it one slice at a time. Each variable records its logical axis names in
+the `logical_axes` metadata, which `zhjax.parallel.rules` maps to mesh axes.
+
+The three verbs on a whole model live here too: `lora_state` / `split_trainable` pick the adapter leaves
+(see `zhjax.model.params` for the filters) and `merge_lora` folds the adapters into plain kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zhjax.config import LoraConfig
+
+
+def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype=jnp.float32, minval=-bound, maxval=bound).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """`x @ kernel (+ bias)` with an optional LoRA adapter; weights may be stacked over leading dims."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str, str],
+        rngs: nnx.Rngs,
+        stack: tuple[int, ...] = (),
+        stack_axes: tuple[str, ...] = (),
+        use_bias: bool = False,
+        lora: LoraConfig | None = None,
+        init_std: float = 0.02,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        kernel = init_std * jax.random.normal(rngs.params(), (*stack, in_features, out_features), jnp.float32)
+        self.kernel = nnx.Param(kernel.astype(param_dtype), logical_axes=(*stack_axes, *axes))
+        self.bias = (
+            nnx.Param(jnp.zeros((*stack, out_features), param_dtype), logical_axes=(*stack_axes, axes[1]))
+            if use_bias
+            else None
+        )
+        if lora is not None:
+            # LoRA factors are trained, so they live in float32 whatever the base's storage dtype.
+            a = _uniform(rngs.params(), (*stack, in_features, lora.r), 1.0 / math.sqrt(in_features), jnp.float32)
+            self.lora_a = nnx.LoRAParam(a, logical_axes=(*stack_axes, axes[0], "lora_rank"))
+            self.lora_b = nnx.LoRAParam(
+                jnp.zeros((*stack, lora.r, out_features), jnp.float32), logical_axes=(*stack_axes, "lora_rank", axes[1])
+            )
+            self.lora_scaling = float(lora.scaling)
+            self.lora_dropout = float(lora.lora_dropout)
+        else:
+            self.lora_a = self.lora_b = None
+            self.lora_scaling = self.lora_dropout = 0.0
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Apply the layer; `dropout_rng` (a key) turns on LoRA dropout, `None` is evaluation mode."""
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            xd = x
+            if dropout_rng is not None and self.lora_dropout > 0.0:
+                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
+                xd = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
+            delta = (xd @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            y = y + (delta * self.lora_scaling).astype(y.dtype)
+        return y
+
+    def merged_kernel(self) -> jax.Array:
+        """The kernel with the adapter folded in, `W + A B alpha/r`, computed in float32 and cast back."""
+        w = self.kernel[...]
+        if self.lora_a is None:
+            return w
+        delta = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+        return (w.astype(jnp.float32) + delta * self.lora_scaling).astype(w.dtype)
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Fold every LoRA adapter of `model` into its kernel, in place, and drop the adapters.
+
+    Afterwards the model is a plain one: the same logits (up to float rounding), no `LoRAParam` left.
+    Returns the model for chaining.
+    """
+    for _, module in list(model.iter_modules()):
+        if isinstance(module, Linear) and module.lora_a is not None:
+            module.kernel[...] = module.merged_kernel()
+            module.lora_a = module.lora_b = None
+            module.lora_scaling = module.lora_dropout = 0.0
+    return model
