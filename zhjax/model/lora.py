@@ -103,7 +103,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     Afterwards the model is a plain one: the same logits (up to float rounding), no `LoRAParam` left.
     Returns the model for chaining.
     """
-    for _, module in list(model.iter_modules()):
+    for _, module in list(nnx.iter_modules(model)):
         if isinstance(module, Linear) and module.lora_a is not None:
             module.kernel[...] = module.merged_kernel()
             module.lora_a = module.lora_b = None
