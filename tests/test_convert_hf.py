@@ -142,3 +142,18 @@ def test_export_never_leaves_a_half_written_dir(tmp_path, monkeypatch):
         save_hf(model, out)
     assert all_tensors(out) == before  # the previous export is intact
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
+
+
+def test_convert_tool_import_export_round_trip(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    random_hf_model(tmp_path / "src", num_key_value_heads=2)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_hf.py"
+    run = lambda *a: subprocess.run([sys.executable, str(tool), *a], check=True, capture_output=True, text=True)
+    run("import", "--hf", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt"), "--dtype", "float32")
+    meta = json.loads((tmp_path / "ckpt" / "zhjax.json").read_text())
+    assert meta["scanned"] is True and meta["vocab_size"] == 97 and meta["param_dtype"] == "float32"
+    run("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"))
+    assert all_tensors(tmp_path / "out") == all_tensors(tmp_path / "src")
