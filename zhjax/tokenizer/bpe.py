@@ -1,0 +1,250 @@
+"""Extend a byte-level BPE tokenizer (HF `tokenizer.json`: SmolLM2, Llama-3, Qwen) with Chinese tokens.
+
+The extension must keep every existing id, special token and English segmentation, so new merges are learned
+*on top of* the base tokenizer, not from scratch:
+
+1. The Chinese corpus is cut into words by the base's own pipeline (its normalizer and byte-level
+   pre-tokenizer) and every word is segmented by the base's BPE: the state the base leaves a word in.
+2. Each base token seen gets one private-use Unicode character, and `tokenizers`' `BpeTrainer` learns merges
+   over those characters (one word per whitespace-separated item). Its merges are therefore merges of base
+   tokens, learned in the order in which they would fire after all base merges.
+3. The learned merges are mapped back to byte-level strings and appended, in order, after the base merges;
+   their results become new tokens with ids after every existing id (model vocab and added tokens). A merge
+   is kept only when both of its parts can occur (base tokens or results of kept merges), when the pair is
+   not a base merge already (re-adding one would change its rank), and when the merged bytes contain a
+   non-ASCII byte. The last rule is what keeps English intact: ASCII text only ever holds ASCII tokens, so
+   no new merge can fire on it, and its ids stay exactly the base's.
+
+`extend_bpe_tokenizer` writes an HF dir (the base's tokenizer files, `tokenizer.json` updated, plus
+`vocab.json`/`merges.txt` regenerated when the base has them) that `transformers.AutoTokenizer` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from zhjax.tokenizer.train import iter_corpus_lines
+
+__all__ = ["BpeExtensionResult", "byte_level_decoder_table", "extend_bpe_tokenizer", "learn_chinese_merges"]
+
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# private-use code points that stand for base tokens while the trainer runs
+_PRIVATE_USE = [range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE)]
+
+
+@dataclass(frozen=True)
+class BpeExtensionResult:
+    """What the extension did: sizes before and after and where it wrote the tokenizer."""
+
+    out_dir: Path
+    base_vocab_size: int
+    vocab_size: int
+    added_tokens: int
+    added_merges: int
+    learned_merges: int
+
+
+def byte_level_decoder_table() -> dict[str, int]:
+    """The GPT-2 byte-level alphabet: each of the 256 characters a byte-level token is made of -> its byte.
+
+    Printable Latin-1 bytes stand for themselves; the others (control bytes, space, 0x7F-0xA0, 0xAD) are
+    shifted to code points 256 and up, in byte order.
+    """
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table.values():
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+def _is_byte_level(node: dict | None) -> bool:
+    if not node:
+        return False
+    if node.get("type") == "ByteLevel":
+        return True
+    return any(_is_byte_level(child) for child in node.get("pretokenizers", []) or [])
+
+
+def _load_base(base_dir: Path) -> dict:
+    path = base_dir / "tokenizer.json"
+    if not path.is_file():
+        present = sorted(p.name for p in base_dir.iterdir()) if base_dir.is_dir() else []
+        raise FileNotFoundError(
+            f"base tokenizer dir {base_dir} has no tokenizer.json (found: {present or 'nothing'}); "
+            "the byte-level BPE extension needs an HF tokenizer.json"
+        )
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or not _is_byte_level(spec.get("pre_tokenizer")):
+        raise ValueError(
+            f"{path}: expected a byte-level BPE tokenizer (model.type 'BPE' with a ByteLevel pre_tokenizer), got "
+            f"model.type={model.get('type')!r}, pre_tokenizer={(spec.get('pre_tokenizer') or {}).get('type')!r}"
+        )
+    return spec
+
+
+def _count_symbol_words(base: Tokenizer, lines: Iterator[str], symbols: dict[int, str], batch: int = 512) -> Counter:
+    """Counts of the base-segmented words of the lines, each token written as its private-use character.
+
+    Only distinct words are kept, so memory follows the corpus's vocabulary, not its length.
+    """
+    counts: Counter = Counter()
+    code_points = (cp for block in _PRIVATE_USE for cp in block)
+    chunk: list[str] = []
+
+    def flush() -> None:
+        for enc in base.encode_batch(chunk, add_special_tokens=False):
+            current: list[str] = []
+            last = None
+            for token_id, word in zip(enc.ids, enc.word_ids, strict=True):
+                if word is None or word != last:
+                    if current:
+                        counts["".join(current)] += 1
+                    current = []
+                last = word
+                if word is None:  # an added/special token inside the text: never merged
+                    continue
+                if token_id not in symbols:
+                    try:
+                        symbols[token_id] = chr(next(code_points))
+                    except StopIteration:
+                        raise ValueError("the corpus uses more distinct base tokens than private-use code points") from None
+                current.append(symbols[token_id])
+            if current:
+                counts["".join(current)] += 1
+        chunk.clear()
+
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= batch:
+            flush()
+    if chunk:
+        flush()
+    return counts
+
+
+def _repeat_words(counts: Counter, per_line: int = 1024) -> Iterator[str]:
+    """Feed the trainer each distinct word as often as it occurs, a bounded number per line."""
+    for word, count in counts.items():
+        while count > 0:
+            n = min(count, per_line)
+            yield " ".join([word] * n)
+            count -= n
+
+
+def learn_chinese_merges(
+    base_spec: dict,
+    corpus: Sequence[str | Path],
+    new_tokens: int,
+    *,
+    min_frequency: int = 2,
+    slack: float = 0.25,
+    show_progress: bool = False,
+) -> tuple[list[tuple[str, str]], int]:
+    """Merges (byte-level strings) to append to `base_spec`, adding at most `new_tokens` new tokens.
+
+    Returns the merges and how many the trainer learned before filtering. `slack` asks the trainer for that
+    many extra merges, since some are filtered out (see the module docstring).
+    """
+    base = Tokenizer.from_str(json.dumps(base_spec))
+    symbols: dict[int, str] = {}
+    counts = _count_symbol_words(base, iter_corpus_lines(corpus), symbols)
+
+    trainer_tokenizer = Tokenizer(models.BPE())
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # the trainer's vocab counts its alphabet (the distinct base tokens seen) plus the merges it learns
+    wanted = int(new_tokens * (1 + slack)) + 64
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(symbols) + wanted, min_frequency=min_frequency, show_progress=show_progress, special_tokens=[]
+    )
+    trainer_tokenizer.train_from_iterator(_repeat_words(counts), trainer=trainer)
+    learned = json.loads(trainer_tokenizer.to_str())["model"]["merges"]
+
+    to_token = {sym: base.id_to_token(token_id) for token_id, sym in symbols.items()}
+    byte_of = byte_level_decoder_table()
+    vocab = base_spec["model"]["vocab"]
+    existing_pairs = {tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in base_spec["model"]["merges"]}
+    reachable = set(to_token.values())
+    kept: list[tuple[str, str]] = []
+    added: set[str] = set()
+    for merge in learned:
+        left_sym, right_sym = merge.split(" ", 1) if isinstance(merge, str) else merge
+        left = "".join(to_token[c] for c in left_sym)
+        right = "".join(to_token[c] for c in right_sym)
+        merged = left + right
+        if left not in reachable or right not in reachable or (left, right) in existing_pairs:
+            continue
+        if all(byte_of[c] < 0x80 for c in merged):
+            continue
+        if merged not in vocab and merged not in added:
+            if len(added) == new_tokens:
+                break
+            added.add(merged)
+        reachable.add(merged)
+        existing_pairs.add((left, right))
+        kept.append((left, right))
+    return kept, len(learned)
+
+
+def extend_bpe_tokenizer(
+    base_dir: str | Path,
+    corpus: Sequence[str | Path],
+    new_tokens: int,
+    out_dir: str | Path,
+    *,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+) -> BpeExtensionResult:
+    """Learn up to `new_tokens` Chinese tokens on `corpus` and write the extended tokenizer to `out_dir`.
+
+    `base_dir` is an HF dir with a byte-level BPE `tokenizer.json`; `corpus` are text files or directories.
+    Existing ids, merges (and their ranks), added/special tokens and the pre/post-processing are unchanged;
+    new tokens take the ids after the largest existing id.
+    """
+    if new_tokens <= 0:
+        raise ValueError(f"new_tokens={new_tokens}: expected a positive number of tokens to add")
+    base_dir, out = Path(base_dir), Path(out_dir)
+    spec = _load_base(base_dir)
+    base_size = Tokenizer.from_str(json.dumps(spec)).get_vocab_size(with_added_tokens=True)
+    merges, learned = learn_chinese_merges(spec, corpus, new_tokens, min_frequency=min_frequency, show_progress=show_progress)
+
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    next_id = max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens", []))]) + 1
+    added = 0
+    for left, right in merges:
+        if left + right not in vocab:
+            vocab[left + right] = next_id
+            next_id += 1
+            added += 1
+    string_merges = bool(spec["model"]["merges"]) and isinstance(spec["model"]["merges"][0], str)
+    spec["model"]["merges"].extend(f"{a} {b}" if string_merges else [a, b] for a, b in merges)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file() and base_dir.resolve() != out.resolve():
+            shutil.copyfile(base_dir / name, out / name)
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+    if (base_dir / "vocab.json").is_file():
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    if (base_dir / "merges.txt").is_file():
+        lines = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    return BpeExtensionResult(out, base_size, size, added, len(merges), learned)
