@@ -62,3 +62,101 @@ def lora_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
         for i in range(value.shape[0]):
             out[f"{PEFT_PREFIX}model.layers.{i}.{block}.{module}.lora_{ab}.weight"] = np.ascontiguousarray(value[i].T)
     return out
+
+
+def modules_to_save_state_dict(model: nnx.Module, modules: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Fully trained modules (`embed_tokens`, `lm_head`) as PEFT stores them, `[V, D]` float32.
+
+    On a tied model the one shared matrix is written under both names, so PEFT's two copies start equal.
+    """
+    out = {}
+    embed = np.asarray(jax.device_get(model.embed_tokens.embedding[...]), np.float32)
+    if "embed_tokens" in modules:
+        out[f"{PEFT_PREFIX}model.embed_tokens.weight"] = embed
+    if "lm_head" in modules:
+        head = embed if model.lm_head is None else np.asarray(jax.device_get(model.lm_head.kernel[...]), np.float32).T
+        out[f"{PEFT_PREFIX}lm_head.weight"] = np.ascontiguousarray(head)
+    return out
+
+
+def save_peft_adapter(model: nnx.Module, out_dir, *, base_model_name_or_path: str | None = None) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (LoRA and `modules_to_save`) that peft loads.
+
+    Written to a temporary folder first and renamed into place, so an interrupted save never leaves an empty
+    or partial adapter (the seed's 443-byte adapter files).
+    """
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    lora = model.lora
+    if lora is None:
+        raise ValueError("the model has no LoRA adapters to save")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {**lora_state_dict(model), **modules_to_save_state_dict(model, lora.modules_to_save)}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "lora_dropout": lora.lora_dropout,
+        "target_modules": sorted(lora.target_modules),
+        "modules_to_save": list(lora.modules_to_save) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    if model.config.tie_word_embeddings and {"embed_tokens", "lm_head"} <= set(lora.modules_to_save):
+        config["ensure_weight_tying"] = True
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_peft_adapter(model: nnx.Module, adapter_dir, *, source: str | None = None) -> None:
+    """Load a PEFT adapter dir (safetensors, or the seed's `adapter_model.bin`) into `model`'s LoRA and modules."""
+    from pathlib import Path
+
+    adapter_dir = Path(adapter_dir)
+    source = source or str(adapter_dir)
+    st, binf = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
+    if st.exists():
+        from safetensors.numpy import load_file
+
+        state = load_file(str(st))
+    elif binf.exists():
+        import torch
+
+        loaded = torch.load(binf, map_location="cpu", weights_only=True)
+        state = {k: v.float().numpy() for k, v in loaded.items()}
+    else:
+        raise ConversionError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin found")
+    load_lora_weights(model, state, source=source)
+    embed = state.get(f"{PEFT_PREFIX}model.embed_tokens.weight")
+    head = state.get(f"{PEFT_PREFIX}lm_head.weight")
+    for name, value, var in (
+        ("embed_tokens", embed, model.embed_tokens.embedding),
+        ("lm_head", head, None if model.lm_head is None else model.lm_head.kernel),
+    ):
+        if value is None or var is None:
+            continue
+        value = value if name == "embed_tokens" else value.T
+        if tuple(value.shape) != tuple(var.shape):
+            raise ConversionError(
+                f"{source}: {name} has shape {tuple(value.shape)} but the model's is {tuple(var.shape)}: "
+                "the adapter was trained with a different vocabulary size (resize the base first)"
+            )
+        var[...] = jnp.asarray(value, var.dtype)

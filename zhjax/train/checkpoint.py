@@ -89,3 +89,62 @@ def load_base_checkpoint(path: str | Path) -> nnx.Module:
         restored = ckptr.restore(path / "params", target)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+class RunCheckpointer:
+    """Training checkpoints of one run: trainable params, optimizer state and a JSON `meta` item.
+
+    `meta` holds the step, the data loader's position, the RNG seed and the job config. Saves are asynchronous
+    (orbax `CheckpointManager`) and keep the newest `max_to_keep`; orbax writes each step to a temporary
+    directory and renames it when complete, so a crash mid-save leaves the previous checkpoint restorable.
+    Every process calls every method (orbax coordinates multi-host saves).
+    """
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int | None, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("trainable", "opt_state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, trainable, opt_state, meta: dict) -> None:
+        """Start saving (returns before the write finishes; `wait` blocks until it has)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardSave(nnx.to_pure_dict(trainable)),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+    def restore(self, step: int, trainable_target, opt_state_target):
+        """Restore `(trainable, opt_state, meta)` of `step` onto the targets' shapes and shardings."""
+        abstract = lambda tree: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(trainable_target))),
+                opt_state=ocp.args.StandardRestore(abstract(opt_state_target)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        trainable = jax.tree.map(lambda x: x, trainable_target)
+        nnx.replace_by_pure_dict(trainable, restored["trainable"])
+        return trainable, restored["opt_state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
