@@ -48,7 +48,9 @@ def test_missing_input_names_the_path(tmp_path):
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_trains_a_model_of_the_requested_size_and_type(corpus_dir, tmp_path, model_type):
     root, lines = corpus_dir
-    config = SentencePieceTrainConfig(vocab_size=5000, model_type=model_type, num_threads=2, input_sentence_size=2500)
+    config = SentencePieceTrainConfig(
+        vocab_size=5000, model_type=model_type, num_threads=2, input_sentence_size=2500
+    )
     result = train_sentencepiece([root], tmp_path / "zh", config)
     sp = spm.SentencePieceProcessor(model_file=str(result.model_file))
     assert result.vocab_size == sp.get_piece_size() == 5000
@@ -74,7 +76,9 @@ def test_byte_fallback_identity_model_round_trips_mixed_text(corpus_dir, tmp_pat
         input_sentence_size=2000,  # a sample of the 4000 lines
         extra_options={"remove_extra_whitespaces": False},
     )
-    sp = spm.SentencePieceProcessor(model_file=str(train_sentencepiece([root], tmp_path / "zh", config).model_file))
+    sp = spm.SentencePieceProcessor(
+        model_file=str(train_sentencepiece([root], tmp_path / "zh", config).model_file)
+    )
     for text in MIXED:
         assert sp.decode(sp.encode(text)) == text
 

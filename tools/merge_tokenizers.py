@@ -31,8 +31,12 @@ def _report_sp(args: argparse.Namespace, lines: list[str]) -> None:
     merged = spm.SentencePieceProcessor(model_file=f"{args.out}/tokenizer.model")
     hf = AutoTokenizer.from_pretrained(args.out)
     print(tokenization_report(base.encode, lines).describe("base (SentencePiece)"))
-    print(tokenization_report(merged.encode, lines).describe(f"merged, {args.score_mode} mode (SentencePiece)"))
-    report = tokenization_report(lambda s: hf.encode(s, add_special_tokens=False), lines, reference=merged.encode)
+    print(
+        tokenization_report(merged.encode, lines).describe(f"merged, {args.score_mode} mode (SentencePiece)")
+    )
+    report = tokenization_report(
+        lambda s: hf.encode(s, add_special_tokens=False), lines, reference=merged.encode
+    )
     print(report.describe(f"merged, {args.score_mode} mode (HF)"))
 
 
@@ -55,17 +59,29 @@ def _report_bpe(args: argparse.Namespace, lines: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the extended tokenizer, print the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=("sp", "bpe"), default="sp", help="base tokenizer kind (default: sp)")
-    parser.add_argument("--base", required=True, help="sp: base SentencePiece .model; bpe: HF dir with tokenizer.json")
+    parser.add_argument(
+        "--kind", choices=("sp", "bpe"), default="sp", help="base tokenizer kind (default: sp)"
+    )
+    parser.add_argument(
+        "--base", required=True, help="sp: base SentencePiece .model; bpe: HF dir with tokenizer.json"
+    )
     parser.add_argument("--out", required=True, help="output tokenizer dir")
     parser.add_argument("--chinese", help="sp: Chinese SentencePiece .model to merge in")
-    parser.add_argument("--score-mode", choices=("rank", "seed"), default="rank", help="sp: scores of new pieces")
     parser.add_argument(
-        "--pad-token", nargs="?", const="[PAD]", default=None, help="sp: append a pad piece (default [PAD], as Alpaca)"
+        "--score-mode", choices=("rank", "seed"), default="rank", help="sp: scores of new pieces"
+    )
+    parser.add_argument(
+        "--pad-token",
+        nargs="?",
+        const="[PAD]",
+        default=None,
+        help="sp: append a pad piece (default [PAD], as Alpaca)",
     )
     parser.add_argument("--corpus", nargs="+", help="bpe: Chinese text files/directories to learn merges on")
     parser.add_argument("--new-tokens", type=int, help="bpe: number of tokens to add")
-    parser.add_argument("--min-frequency", type=int, default=2, help="bpe: least frequency of a learned merge")
+    parser.add_argument(
+        "--min-frequency", type=int, default=2, help="bpe: least frequency of a learned merge"
+    )
     parser.add_argument("--eval-text", nargs="*", default=None, help="held-out text files for the report")
     args = parser.parse_args(argv)
 
@@ -90,14 +106,22 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--kind bpe needs --corpus FILE ... and --new-tokens N")
             from zhjax.tokenizer.bpe import extend_bpe_tokenizer
 
-            ext = extend_bpe_tokenizer(args.base, args.corpus, args.new_tokens, args.out, min_frequency=args.min_frequency)
+            ext = extend_bpe_tokenizer(
+                args.base, args.corpus, args.new_tokens, args.out, min_frequency=args.min_frequency
+            )
             print(
                 f"wrote {args.out}: {ext.vocab_size} tokens = {ext.base_vocab_size} base + {ext.added_tokens} new "
                 f"({ext.added_merges} merges appended, of {ext.learned_merges} learned)"
             )
-        lines, padded = with_english(read_eval_lines(args.eval_text) if args.eval_text else BUILTIN_EVAL_LINES)
+        lines, padded = with_english(
+            read_eval_lines(args.eval_text) if args.eval_text else BUILTIN_EVAL_LINES
+        )
         source = ", ".join(args.eval_text) if args.eval_text else "the built-in sample"
-        print(f"on {source}" + (" (no English there: English lines of the built-in sample added)" if padded else "") + ":")
+        print(
+            f"on {source}"
+            + (" (no English there: English lines of the built-in sample added)" if padded else "")
+            + ":"
+        )
         (_report_sp if args.kind == "sp" else _report_bpe)(args, lines)
     except (OSError, ValueError) as err:
         print(f"merge_tokenizers: {err}", file=sys.stderr)

@@ -100,7 +100,9 @@ def _load_base(base_dir: Path) -> dict:
     return spec
 
 
-def _count_symbol_words(base: Tokenizer, lines: Iterator[str], symbols: dict[int, str], batch: int = 512) -> Counter:
+def _count_symbol_words(
+    base: Tokenizer, lines: Iterator[str], symbols: dict[int, str], batch: int = 512
+) -> Counter:
     """Counts of the base-segmented words of the lines, each token written as its private-use character.
 
     Only distinct words are kept, so memory follows the corpus's vocabulary, not its length.
@@ -125,7 +127,9 @@ def _count_symbol_words(base: Tokenizer, lines: Iterator[str], symbols: dict[int
                     try:
                         symbols[token_id] = chr(next(code_points))
                     except StopIteration:
-                        raise ValueError("the corpus uses more distinct base tokens than private-use code points") from None
+                        raise ValueError(
+                            "the corpus uses more distinct base tokens than private-use code points"
+                        ) from None
                 current.append(symbols[token_id])
             if current:
                 counts["".join(current)] += 1
@@ -172,7 +176,10 @@ def learn_chinese_merges(
     # the trainer's vocab counts its alphabet (the distinct base tokens seen) plus the merges it learns
     wanted = int(new_tokens * (1 + slack)) + 64
     trainer = trainers.BpeTrainer(
-        vocab_size=len(symbols) + wanted, min_frequency=min_frequency, show_progress=show_progress, special_tokens=[]
+        vocab_size=len(symbols) + wanted,
+        min_frequency=min_frequency,
+        show_progress=show_progress,
+        special_tokens=[],
     )
     trainer_tokenizer.train_from_iterator(_repeat_words(counts), trainer=trainer)
     learned = json.loads(trainer_tokenizer.to_str())["model"]["merges"]
@@ -180,7 +187,9 @@ def learn_chinese_merges(
     to_token = {sym: base.id_to_token(token_id) for token_id, sym in symbols.items()}
     byte_of = byte_level_decoder_table()
     vocab = base_spec["model"]["vocab"]
-    existing_pairs = {tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in base_spec["model"]["merges"]}
+    existing_pairs = {
+        tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in base_spec["model"]["merges"]
+    }
     reachable = set(to_token.values())
     kept: list[tuple[str, str]] = []
     added: set[str] = set()
@@ -223,7 +232,9 @@ def extend_bpe_tokenizer(
     base_dir, out = Path(base_dir), Path(out_dir)
     spec = _load_base(base_dir)
     base_size = Tokenizer.from_str(json.dumps(spec)).get_vocab_size(with_added_tokens=True)
-    merges, learned = learn_chinese_merges(spec, corpus, new_tokens, min_frequency=min_frequency, show_progress=show_progress)
+    merges, learned = learn_chinese_merges(
+        spec, corpus, new_tokens, min_frequency=min_frequency, show_progress=show_progress
+    )
 
     vocab: dict[str, int] = spec["model"]["vocab"]
     next_id = max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens", []))]) + 1

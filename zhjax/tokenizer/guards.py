@@ -37,7 +37,9 @@ def tokenizer_vocab_size(tokenizer: Any) -> int:
     raise TypeError(f"cannot tell the vocab size of a {type(tokenizer).__name__}")
 
 
-def check_vocab_match(model_vocab_size: int, tokenizer: Any, where: str, *, allow_padding: bool = False) -> None:
+def check_vocab_match(
+    model_vocab_size: int, tokenizer: Any, where: str, *, allow_padding: bool = False
+) -> None:
     """Raise ValueError unless the model's embedding rows match the tokenizer's ids.
 
     `where` says which model and tokenizer are being combined (it starts the message). With

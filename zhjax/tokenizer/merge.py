@@ -113,7 +113,9 @@ def merge_sentencepiece(
         if piece.piece not in known:
             known.add(piece.piece)
             new_pieces.append(piece.piece)
-    scores = _rank_scores(min(p.score for p in base.pieces), len(new_pieces)) if score_mode == "rank" else None
+    scores = (
+        _rank_scores(min(p.score for p in base.pieces), len(new_pieces)) if score_mode == "rank" else None
+    )
     for i, text in enumerate(new_pieces):
         entry = merged.pieces.add()
         entry.piece = text
@@ -169,15 +171,23 @@ def sentencepiece_to_tokenizers(proto: sp_pb2.ModelProto) -> Tokenizer:
         ranked.sort()
         merges = [(left, right) for _, _, left, right in ranked]
         model = models.BPE(
-            vocab=vocab, merges=merges, unk_token=unk_piece, fuse_unk=True, byte_fallback=byte_fallback, dropout=None
+            vocab=vocab,
+            merges=merges,
+            unk_token=unk_piece,
+            fuse_unk=True,
+            byte_fallback=byte_fallback,
+            dropout=None,
         )
     elif spec.model_type == sp_pb2.TrainerSpec.UNIGRAM:
         model = models.Unigram(
-            [(p.piece, p.score) for p in proto.pieces], unk_id=spec.unk_id if spec.unk_id >= 0 else None,
+            [(p.piece, p.score) for p in proto.pieces],
+            unk_id=spec.unk_id if spec.unk_id >= 0 else None,
             byte_fallback=byte_fallback,
         )
     else:
-        raise ValueError(f"SentencePiece model_type {spec.model_type} is not supported (expected BPE or UNIGRAM)")
+        raise ValueError(
+            f"SentencePiece model_type {spec.model_type} is not supported (expected BPE or UNIGRAM)"
+        )
     tokenizer = Tokenizer(model)
 
     norm = proto.normalizer_spec
@@ -214,7 +224,9 @@ def sentencepiece_to_tokenizers(proto: sp_pb2.ModelProto) -> Tokenizer:
     return tokenizer
 
 
-def save_merged_tokenizer(proto: sp_pb2.ModelProto, out_dir: str | Path, *, pad_token: str | None = None) -> Path:
+def save_merged_tokenizer(
+    proto: sp_pb2.ModelProto, out_dir: str | Path, *, pad_token: str | None = None
+) -> Path:
     """Write `OUT_DIR/tokenizer.model` and the HF files that `AutoTokenizer.from_pretrained(OUT_DIR)` loads.
 
     The proto is checked to load in SentencePiece first. `pad_token` names a piece of the proto to declare

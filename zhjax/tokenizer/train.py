@@ -88,7 +88,11 @@ class TrainProgress:
         """One human-readable line, e.g. for a tool's progress output."""
         return (
             f"{self.lines:,} lines, {self.bytes / 1e6:.1f} MB from {self.files} file(s) in {self.seconds:.1f}s"
-            + (f"; {self.too_long:,} lines over max_sentence_length (skipped by SentencePiece)" if self.too_long else "")
+            + (
+                f"; {self.too_long:,} lines over max_sentence_length (skipped by SentencePiece)"
+                if self.too_long
+                else ""
+            )
         )
 
 
@@ -115,7 +119,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"corpus input {path} does not exist (expected a text file or a directory)")
+            raise FileNotFoundError(
+                f"corpus input {path} does not exist (expected a text file or a directory)"
+            )
     if not files:
         raise ValueError(f"no corpus files found in {[str(p) for p in inputs]}")
     return files
@@ -187,7 +193,9 @@ def train_sentencepiece(
     )
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "extra_options"}
+    options = {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "extra_options"
+    }
     options.update(config.extra_options)
     try:
         spm.SentencePieceTrainer.train(
