@@ -1,0 +1,51 @@
+"""The `zhjax` command: `zhjax pretrain | sft --config FILE [key.sub=value ...]`.
+
+Argument parsing only; the work is in `zhjax.train.trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(kind: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"zhjax {kind}",
+        description=f"{'Continued pre-training' if kind == 'pretrain' else 'Instruction tuning'} with LoRA "
+        "(+ trainable embed/head). Overrides are dotted keys: optim.learning_rate=1e-4 mesh.fsdp=8",
+    )
+    parser.add_argument("--config", help="YAML job config (see configs/)")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="start fresh instead of resuming")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the YAML config")
+    args = parser.parse_args(argv)
+
+    from zhjax.config import load_job_config
+
+    overrides = list(args.overrides)
+    if args.overwrite_output_dir:
+        overrides.append("overwrite_output_dir=true")
+    try:
+        cfg = load_job_config(kind, args.config, overrides)
+    except ValueError as e:
+        print(f"zhjax {kind}: {e}", file=sys.stderr)
+        return 2
+
+    from zhjax.train.trainer import train
+
+    summary = train(cfg, kind)
+    print(f"done: {summary['step']} steps, output in {summary['output_dir']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("pretrain", "sft")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(f"usage: zhjax {{{','.join(commands)}}} --config FILE [key.sub=value ...]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return _train(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

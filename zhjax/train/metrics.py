@@ -1,0 +1,101 @@
+"""Run metrics: a tqdm bar, stdout lines, `metrics.jsonl` and TensorBoard, plus FLOPs accounting for MFU.
+
+Only process 0 writes (`enabled=False` elsewhere). FLOPs per token count the matmuls of a LoRA step honestly:
+a frozen weight costs a forward and an input-gradient matmul (4 FLOPs per parameter per token), a trained one
+also its weight gradient (6), and attention adds 12 * layers * hidden * seq (forward + backward of QK^T and AV).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from zhjax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` substring.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
+
+
+def peak_flops(device) -> float | None:
+    """Known peak bf16 FLOP/s of a device, or None (CPUs: give `peak_tflops_per_device` in the config)."""
+    kind = getattr(device, "device_kind", "")
+    for name, value in PEAK_FLOPS.items():
+        if name in kind:
+            return value
+    return None
+
+
+def flops_per_token(
+    config: ModelConfig, trainable_params: int, frozen_params: int, seq_len: int, *, embed_trainable: bool
+) -> float:
+    """Training FLOPs per token of one step (see the module docstring)."""
+    # An untied input embedding is a gather, not a matmul; a tied one is counted once, as the LM head.
+    lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    if embed_trainable:
+        trainable_params -= lookup
+    else:
+        frozen_params -= lookup
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 4.0 * frozen_params + 6.0 * trainable_params + attention
+
+
+class MetricsLogger:
+    """Writes metric records to stdout, `output_dir/metrics.jsonl` and TensorBoard (`output_dir/tensorboard`)."""
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        if not enabled:
+            return
+        self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            self.tb = None
+
+    def progress(self, iterable, *, initial: int, total: int):
+        """Iterate with a progress bar on process 0."""
+        if not self.enabled:
+            return iterable
+        self.bar = tqdm(iterable, initial=initial, total=total, desc="train", dynamic_ncols=True, file=sys.stderr)
+        return self.bar
+
+    def text(self, line: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(line)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        self.text(shown)
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

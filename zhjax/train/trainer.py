@@ -1,0 +1,273 @@
+"""The training loop of `zhjax pretrain` and `zhjax sft`: init or restore, step, log, evaluate, save.
+
+Reads top to bottom:
+
+1. `build_model` loads the base (HF dir, zhjax base checkpoint, or random init from `model`) with every
+   parameter created directly in its shard, adds LoRA, optionally loads earlier adapters (`adapters_from`).
+2. `split_model` separates trainable (float32) from frozen state with the filter the config asks for.
+3. The optimizer is built and initialised on the trainable state only; the step is jitted once with explicit
+   in/out shardings and donated state.
+4. If `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the latest is restored, data position
+   and all, so the run continues at the next sample.
+5. Loop: step, check the loss is finite, log every `logging_steps`, evaluate every `eval_steps`, save every
+   `save_steps` (orbax, async) together with a PEFT adapter export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zhjax.config import JobConfig
+from zhjax.model.llama import LlamaForCausalLM
+from zhjax.model.params import count_params, split_model, trainable_filter
+from zhjax.parallel.mesh import make_mesh
+from zhjax.parallel.rules import batch_sharding, state_shardings
+from zhjax.train.checkpoint import RunCheckpointer
+from zhjax.train.metrics import MetricsLogger, flops_per_token, peak_flops
+from zhjax.train.optim import build_optimizer, learning_rate_schedule
+from zhjax.train.step import make_eval_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the message names the step and the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: JobConfig, mesh: jax.sharding.Mesh) -> LlamaForCausalLM:
+    """The model of the job, each parameter created or loaded straight into its shard."""
+    from zhjax.convert.hf import load_params, read_config
+    from zhjax.train.checkpoint import load_base_checkpoint
+
+    lora = None if cfg.full_finetuning else cfg.lora
+    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
+    if cfg.init_from and (Path(cfg.init_from) / "zhjax.json").exists():
+        base = load_base_checkpoint(cfg.init_from)
+        model_cfg = base.config.replace(**numerics)
+        model = _place(_with_lora(base, model_cfg, lora, cfg.seed), mesh)
+    elif cfg.init_from:
+        model_cfg, _ = read_config(cfg.init_from)
+        model_cfg = model_cfg.replace(**numerics)
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_cfg, lora, rngs=nnx.Rngs(cfg.seed)))
+        shardings = {
+            tuple(str(k) for k in p): _value(v) for p, v in nnx.to_flat_state(state_shardings(nnx.state(abstract), mesh))
+        }
+        model = load_params(
+            cfg.init_from, model_cfg, lora, shardings=lambda path, _: shardings[path], seed=cfg.seed
+        )
+        model = _place(model, mesh)
+    elif cfg.model is not None:
+        model_cfg = cfg.model.replace(**numerics)
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_cfg, lora, rngs=nnx.Rngs(cfg.seed)))
+        graphdef, abs_state = nnx.split(abstract)
+        out = state_shardings(abs_state, mesh)
+        state = jax.jit(
+            lambda: nnx.split(LlamaForCausalLM(model_cfg, lora, rngs=nnx.Rngs(cfg.seed)))[1], out_shardings=out
+        )()
+        model = nnx.merge(graphdef, state)
+    else:
+        raise ValueError("the job needs `init_from` (an HF dir or zhjax checkpoint) or a `model` section")
+    if cfg.adapters_from:
+        from zhjax.convert.peft import load_peft_adapter
+
+        adapter = Path(cfg.adapters_from)
+        adapter = adapter / "adapter" if (adapter / "adapter" / "adapter_config.json").exists() else adapter
+        load_peft_adapter(model, adapter)
+    return model
+
+
+def _with_lora(base: LlamaForCausalLM, config, lora, seed) -> LlamaForCausalLM:
+    """`base`'s weights in a model built with `config` and fresh LoRA adapters."""
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, lora, rngs=nnx.Rngs(seed)))
+    graphdef, lora_abs, rest_abs = nnx.split(abstract, nnx.LoRAParam, ...)
+    lora_state = (
+        jax.jit(lambda: nnx.split(LlamaForCausalLM(config, lora, rngs=nnx.Rngs(seed)), nnx.LoRAParam, ...)[1])()
+        if lora
+        else lora_abs
+    )
+    rest = jax.tree.map(lambda a, b: b.astype(a.dtype), rest_abs, nnx.state(base))
+    return nnx.merge(graphdef, lora_state, rest)
+
+
+def _place(model, mesh):
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
+
+
+def _value(v):
+    return v.get_value() if hasattr(v, "get_value") else v.value
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
+    """Run one training job; returns a summary (final step, last losses, output paths)."""
+    from zhjax.train.data_setup import build_data
+
+    out = Path(cfg.output_dir)
+    is_main = jax.process_index() == 0
+    if cfg.overwrite_output_dir and out.exists() and is_main:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    mesh = make_mesh(cfg.mesh)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch = cfg.per_device_train_batch_size * len(mesh.devices.flat)
+    if global_batch % data_parallel:
+        raise ValueError(f"global batch {global_batch} is not divisible by the data-parallel size {data_parallel}")
+    accum = cfg.optim.gradient_accumulation_steps
+
+    model = build_model(cfg, mesh)
+    data = build_data(cfg, kind, model.config, mesh, global_batch * accum)
+    model_cfg = model.config
+    graphdef, trainable, frozen = split_model(model, trainable_filter(model.lora, cfg.full_finetuning))
+    del model
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # master weights in float32
+    train_sh, frozen_sh = state_shardings(trainable, mesh), state_shardings(frozen, mesh)
+    trainable = jax.device_put(trainable, train_sh)
+
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    tx = build_optimizer(cfg.optim, trainable, total_steps)
+    opt_state = jax.jit(tx.init)(trainable)
+    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    schedule = learning_rate_schedule(cfg.optim, total_steps)
+
+    ckpt = RunCheckpointer(out / "checkpoints", max_to_keep=cfg.save_total_limit, async_save=cfg.async_checkpointing)
+    start_step = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        trainable, opt_state, meta = ckpt.restore(latest, trainable, opt_state)
+        data.load_state_dict(meta["data"])
+        start_step = meta["step"]
+        if is_main:
+            print(f"resumed from {ckpt.directory / str(latest)} at step {start_step}")
+
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
+    step_fn = jax.jit(
+        make_train_step(graphdef, tx, use_dropout=(model_lora_dropout(cfg) > 0), skip_nonfinite=cfg.skip_nonfinite),
+        in_shardings=(train_sh, opt_sh, frozen_sh, micro_sh, repl, repl),
+        out_shardings=(train_sh, opt_sh, repl),
+        donate_argnums=(0, 1),
+    )
+    eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(train_sh, frozen_sh, batch_sharding(mesh)))
+
+    n_train, n_frozen = count_params(trainable), count_params(frozen)
+    seq_len = data.seq_len
+    embed_trainable = any(str(p[0]) == "embed_tokens" for p, _ in nnx.to_flat_state(trainable))
+    fpt = flops_per_token(model_cfg, n_train, n_frozen, seq_len, embed_trainable=embed_trainable)
+    peak = (cfg.peak_tflops_per_device * 1e12) if cfg.peak_tflops_per_device else peak_flops(jax.devices()[0])
+    logger = MetricsLogger(out, enabled=is_main)
+    logger.text(
+        f"{kind}: {total_steps} steps, global batch {global_batch} x {accum} accum x {seq_len} tokens, mesh "
+        f"{dict(mesh.shape)}, trainable {n_train:,} / frozen {n_frozen:,} params, attention {cfg.attention}, remat {cfg.remat}"
+    )
+    (out / "job_config.json").write_text(json.dumps(_jsonable(cfg), indent=2)) if is_main else None
+
+    rng = jax.random.key(cfg.seed)
+    last_saved = latest
+    losses, window_tokens, window_start = [], 0.0, time.perf_counter()
+    step = start_step
+    for step in logger.progress(range(start_step, total_steps), initial=start_step, total=total_steps):
+        batch = data.next_train_batch()
+        trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng, step)
+        loss = float(metrics["loss"])
+        if not bool(metrics["finite"]):
+            msg = f"non-finite loss or gradient at step {step + 1}"
+            if cfg.skip_nonfinite:
+                logger.text(msg + ": update skipped")
+            else:
+                ckpt.wait()
+                good = ckpt.latest_step()
+                where = f"{ckpt.directory / str(good)}" if good is not None else "none saved yet"
+                raise NonFiniteLossError(f"{msg} (loss {loss}); last good checkpoint: {where}")
+        losses.append(loss)
+        window_tokens += data.global_batch * seq_len  # tokens processed, padding included
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == total_steps:
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / elapsed
+            record = {
+                "step": done,
+                "loss": float(np.mean(losses[-cfg.logging_steps :])),
+                "lr": float(schedule(step)),
+                "grad_norm": float(metrics["grad_norm"]),
+                "tokens_per_second": tps,
+                "epoch": data.epoch_progress(),
+            }
+            if peak:
+                record["mfu"] = tps * fpt / (peak * len(mesh.devices.flat))
+            logger.log(record)
+            window_tokens, window_start = 0.0, time.perf_counter()
+        if cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == total_steps) and data.has_eval:
+            logger.log({"step": done, **evaluate(eval_fn, trainable, frozen, data, cfg.max_eval_batches)})
+        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total_steps:
+            save(ckpt, done, trainable, opt_state, frozen, graphdef, data, cfg, out, is_main)
+            last_saved = done
+    ckpt.close()
+    logger.close()
+    return {"step": total_steps, "losses": losses, "output_dir": str(out), "last_checkpoint": last_saved}
+
+
+def model_lora_dropout(cfg: JobConfig) -> float:
+    return 0.0 if cfg.full_finetuning else cfg.lora.lora_dropout
+
+
+def evaluate(eval_fn, trainable, frozen, data, max_batches: int | None) -> dict:
+    """Mean token loss and perplexity over the validation set."""
+    total, tokens = 0.0, 0.0
+    for i, batch in enumerate(data.eval_batches()):
+        if max_batches is not None and i >= max_batches:
+            break
+        s, n = eval_fn(trainable, frozen, batch)
+        total, tokens = total + float(s), tokens + float(n)
+    loss = total / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: Path, is_main: bool) -> None:
+    """An orbax checkpoint (all processes) plus a PEFT adapter beside it (process 0)."""
+    meta = {"step": step, "data": data.state_dict(), "seed": cfg.seed, "config": _jsonable(cfg)}
+    ckpt.save(step, trainable, opt_state, meta)
+    model = nnx.merge(graphdef, trainable, frozen)
+    if is_main and model.lora is not None:
+        from zhjax.convert.peft import save_peft_adapter
+
+        save_peft_adapter(model, out / "adapter", base_model_name_or_path=cfg.init_from)
+        _save_tokenizer(cfg, out / "adapter")
+
+
+def _save_tokenizer(cfg: JobConfig, dest: Path) -> None:
+    src = cfg.tokenizer or cfg.init_from
+    if not src:
+        return
+    from zhjax.convert.hf import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).exists():
+            shutil.copy2(Path(src) / name, dest / name)
+
+
+def _jsonable(cfg) -> dict:
+    def convert(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [convert(v) for v in x]
+        return x
+
+    return convert(cfg)
+
