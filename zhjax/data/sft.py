@@ -81,7 +81,7 @@ def parse_turns(record: dict) -> tuple[str | None, list[tuple[str, str]]]:
         role = _ROLES.get(message.get(role_key)) if isinstance(message.get(role_key), str) else None
         if role is None:
             raise ValueError(f"field '{where}.{role_key}' must be one of {sorted(_ROLES)}")
-        text_key = "value" if "value" in message else "content"
+        text_key = "value" if role_key == "from" else "content"
         try:
             text = _string(message, text_key)
         except ValueError as e:
