@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             from zhjax.tokenizer.bpe import extend_bpe_tokenizer
 
             ext = extend_bpe_tokenizer(
-                args.base, args.corpus, args.new_tokens, args.out, min_frequency=args.min_frequency
+                args.base,
+                args.corpus,
+                args.new_tokens,
+                args.out,
+                min_frequency=args.min_frequency,
+                show_progress=sys.stderr.isatty(),
             )
             print(
                 f"wrote {args.out}: {ext.vocab_size} tokens = {ext.base_vocab_size} base + {ext.added_tokens} new "

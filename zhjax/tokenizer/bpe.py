@@ -40,7 +40,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
-    "generation_config.json",
 )
 # private-use code points that stand for base tokens while the trainer runs
 _PRIVATE_USE = [range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE)]
@@ -164,32 +163,48 @@ def learn_chinese_merges(
 ) -> tuple[list[tuple[str, str]], int]:
     """Merges (byte-level strings) to append to `base_spec`, adding at most `new_tokens` new tokens.
 
-    Returns the merges and how many the trainer learned before filtering. `slack` asks the trainer for that
-    many extra merges, since some are filtered out (see the module docstring).
+    Returns the merges and how many the trainer learned before filtering. Some learned merges are filtered
+    out (see the module docstring), so the trainer is asked for `slack` (a fraction) more; when that is not
+    enough it is asked again with twice the slack (four rounds at most). Fewer than `new_tokens` come back
+    when the corpus has no more pairs of at least `min_frequency` occurrences.
     """
     base = Tokenizer.from_str(json.dumps(base_spec))
     symbols: dict[int, str] = {}
     counts = _count_symbol_words(base, iter_corpus_lines(corpus), symbols)
-
-    trainer_tokenizer = Tokenizer(models.BPE())
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # the trainer's vocab counts its alphabet (the distinct base tokens seen) plus the merges it learns
-    wanted = int(new_tokens * (1 + slack)) + 64
-    trainer = trainers.BpeTrainer(
-        vocab_size=len(symbols) + wanted,
-        min_frequency=min_frequency,
-        show_progress=show_progress,
-        special_tokens=[],
-    )
-    trainer_tokenizer.train_from_iterator(_repeat_words(counts), trainer=trainer)
-    learned = json.loads(trainer_tokenizer.to_str())["model"]["merges"]
+    if not counts:
+        raise ValueError(f"the corpus {[str(p) for p in corpus]} has no text to learn merges from")
 
     to_token = {sym: base.id_to_token(token_id) for token_id, sym in symbols.items()}
-    byte_of = byte_level_decoder_table()
-    vocab = base_spec["model"]["vocab"]
-    existing_pairs = {
+    existing = {
         tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in base_spec["model"]["merges"]
     }
+    for _ in range(4):
+        wanted = int(new_tokens * (1 + slack)) + 64
+        learned = _train_merges(counts, len(symbols) + wanted, min_frequency, show_progress)
+        kept, added = _filter_merges(learned, to_token, base_spec["model"]["vocab"], existing, new_tokens)
+        if added == new_tokens or len(learned) < wanted:  # enough, or the corpus has no more frequent pairs
+            return kept, len(learned)
+        slack *= 2  # too many learned merges were filtered out: ask the trainer for more
+    return kept, len(learned)
+
+
+def _train_merges(counts: Counter, vocab_size: int, min_frequency: int, show_progress: bool) -> list:
+    """BpeTrainer's merges over the private-use symbols (its vocab = the symbols plus the merges)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress, special_tokens=[]
+    )
+    tokenizer.train_from_iterator(_repeat_words(counts), trainer=trainer)
+    return json.loads(tokenizer.to_str())["model"]["merges"]
+
+
+def _filter_merges(
+    learned: list, to_token: dict[str, str], vocab: dict[str, int], existing: set, new_tokens: int
+) -> tuple[list[tuple[str, str]], int]:
+    """The learned merges, as byte-level string pairs, that are safe to append (see the module docstring)."""
+    byte_of = byte_level_decoder_table()
+    pairs = set(existing)
     reachable = set(to_token.values())
     kept: list[tuple[str, str]] = []
     added: set[str] = set()
@@ -198,18 +213,18 @@ def learn_chinese_merges(
         left = "".join(to_token[c] for c in left_sym)
         right = "".join(to_token[c] for c in right_sym)
         merged = left + right
-        if left not in reachable or right not in reachable or (left, right) in existing_pairs:
+        if left not in reachable or right not in reachable or (left, right) in pairs:
             continue
-        if all(byte_of[c] < 0x80 for c in merged):
+        if all(byte_of.get(c, 0) < 0x80 for c in merged):  # could fire on ASCII (English) text
             continue
         if merged not in vocab and merged not in added:
             if len(added) == new_tokens:
                 break
             added.add(merged)
         reachable.add(merged)
-        existing_pairs.add((left, right))
+        pairs.add((left, right))
         kept.append((left, right))
-    return kept, len(learned)
+    return kept, len(added)
 
 
 def extend_bpe_tokenizer(
