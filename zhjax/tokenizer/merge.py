@@ -20,6 +20,9 @@ Scores decide which merges SentencePiece's BPE applies first, so they are a choi
 pipeline is built here from the proto (`sentencepiece_to_tokenizers`) rather than left to transformers'
 load-time conversion, so the dir's behaviour is fixed when it is written: BPE merges ranked by
 (score desc, id asc), byte fallback, the base's normalizer spec, and a BOS post-processor like LLaMA's.
+`tokenizer_config.json` names the generic `TokenizersBackend` class on purpose: naming `LlamaTokenizer` would
+make transformers 5 rebuild the pipeline with its own Metaspace pre-tokenizer, which drops SentencePiece's
+dummy prefix before a leading space (" lead" -> ['▁lead'] instead of ['▁', '▁lead']).
 
 `tokenization_report` measures a tokenizer on held-out text: tokens per Chinese character, tokens per
 English word, and the share of lines on which the HF ids equal the SentencePiece ids.
