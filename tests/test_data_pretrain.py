@@ -94,6 +94,11 @@ def test_txt_jsonl_gzip_and_fsspec_urls_give_the_same_blocks(tmp_path, tok):
                for p in (tmp_path / "plain", tmp_path / "gz", tmp_path / "js", "memory://zhjax-test/corpus")]
     for other in results[1:]:
         np.testing.assert_array_equal(results[0], other)
+    remote = dict(cache_dir="memory://zhjax-test/cache", local_cache_dir=tmp_path / "mirror")
+    first, s1 = build_blocks_with_summary(tmp_path / "plain", tok, 32, **remote)
+    again, s2 = build_blocks_with_summary(tmp_path / "plain", tok, 32, **remote)
+    assert (s1.tokenized_files, s2.tokenized_files) == (1, 0) and fsspec.filesystem("memory").ls("/zhjax-test/cache")
+    np.testing.assert_array_equal(blocks_of(again)[0], results[0])
 
 
 def test_byte_ranges_and_worker_processes_give_the_same_blocks(tmp_path, tok, monkeypatch):

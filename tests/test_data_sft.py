@@ -143,7 +143,7 @@ def test_files_errors_name_file_line_record_and_field(tmp_path, tok):
     with pytest.raises(DataError, match=r"c\.json: record 3: field 'output' must be a string"):
         build_sft_dataset(tmp_path / "c.json", tok)
     write_json(tmp_path / "d.json", [{"instruction": "a", "output": ""}] * 3)
-    with pytest.raises(DataError, match=r"none of the 3 records gave a usable example"):
+    with pytest.raises(DataError, match=r"d\.json: none of its records gave a usable example"):
         build_sft_dataset(tmp_path / "d.json", tok)
     (tmp_path / "e.json").write_text('{"instruction": "a"}')
     with pytest.raises(DataError, match="must hold a list"):

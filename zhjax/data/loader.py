@@ -201,7 +201,8 @@ class DataLoader:
             out["segment_ids"][real] = cols.get("segment_ids", 1)
             out["positions"][real] = cols.get("positions", np.arange(length))
             return out
-        ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+        ids = table.column("input_ids").to_pylist()
+        labels = table.column("labels").to_pylist() if "labels" in table.column_names else ids
         for r, x, y in zip(real, ids, labels, strict=True):
             out["input_ids"][r, : len(x)] = x
             out["labels"][r, : len(x)] = y

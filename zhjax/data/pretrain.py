@@ -301,6 +301,14 @@ def _file_key(content_hash: str, tok_fp: str, add_bos: bool, add_eos: bool, erro
 # ------------------------------------------------------------------------------------------ tokenize
 
 
+@contextlib.contextmanager
+def forking_workers() -> Iterator[None]:
+    """Silence JAX's warning about ``os.fork`` while ``datasets`` forks workers that never call JAX."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        yield
+
+
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text without special tokens, exactly as ``tokenizer(texts, add_special_tokens=False)``.
 
@@ -405,9 +413,7 @@ def _tokenize_files(files: list[DataFile], keys: list[str], tokenizer, cache: Ca
         table = datasets.Dataset.from_list(units)
         kwargs = dict(tokenizer=tokenizer, add_bos=add_bos, add_eos=add_eos, errors=errors, text_field=text_field)
         nproc = min(num_proc, len(units))
-        with warnings.catch_warnings():
-            # JAX warns on every fork because of its own threads; the workers never call JAX
-            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        with forking_workers():
             done = table.map(_tokenize_batch, batched=True, batch_size=1, fn_kwargs=kwargs, keep_in_memory=True,
                              num_proc=nproc if nproc > 1 else None, new_fingerprint=hashlib.sha1(
                                  json.dumps(keys).encode()).hexdigest(), desc="tokenizing")

@@ -32,7 +32,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from zhjax.data.pretrain import DataError, discover_files, encode_texts, open_binary
+from zhjax.data.pretrain import DataError, discover_files, encode_texts, forking_workers, open_binary
 from zhjax.data.templates import CHAT, TEMPLATE_NAMES, join_instruction, render_prompt
 
 logger = logging.getLogger(__name__)
@@ -338,17 +338,22 @@ def build_sft_dataset(
     kwargs = dict(tokenizer=tokenizer, template=template, max_seq_length=max_seq_length,
                   max_prompt_length=max_prompt_length, system_prompt=system_prompt)
     nproc = min(num_proc or 1, len(records))
-    encoded = table.map(_encode_batch, batched=True, fn_kwargs=kwargs, remove_columns=table.column_names,
-                        num_proc=nproc if nproc > 1 else None, keep_in_memory=True, desc="encoding examples")
+    with forking_workers():
+        encoded = table.map(_encode_batch, batched=True, fn_kwargs=kwargs, remove_columns=table.column_names,
+                            num_proc=nproc if nproc > 1 else None, keep_in_memory=True, desc="encoding examples")
     counts: Counter = Counter()
-    for status in encoded["status"]:
+    kept_per_file: Counter = Counter({source: 0 for source, _, _ in records})
+    for (source, _, _), status in zip(records, encoded["status"], strict=True):
         counts.update(s for s in status.split(",") if s)
+        kept_per_file[source] += KEPT in status.split(",")
     summary.counts = dict(counts)
+    for source, n in kept_per_file.items():
+        if not n:
+            raise DataError(f"{source}: none of its records gave a usable example "
+                            f"(all dropped; {dict(counts)} over all files)")
     kept = encoded.filter(lambda s: KEPT in s.split(","), input_columns="status", keep_in_memory=True)
     kept = kept.remove_columns("status")
     summary.examples = len(kept)
-    if not summary.examples:
-        raise DataError(f"{paths}: none of the {len(records)} records gave a usable example ({dict(counts)})")
     summary.tokens = int(sum(map(len, kept["input_ids"])))
     summary.trained_tokens = int(sum(sum(x != IGNORE_INDEX for x in lab) for lab in kept["labels"]))
     if pack:
