@@ -119,7 +119,7 @@ class DataConfig:
 
     train_files: list[str] = field(default_factory=list)
     validation_files: list[str] = field(default_factory=list)
-    validation_split_percentage: float = 0.05
+    validation_split_percentage: float = 0.05  # a fraction, as in the seed (0.05 = 5%)
     data_cache_dir: str | None = None
     preprocessing_num_workers: int = 1
     # pre-training

@@ -130,6 +130,11 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     accum = cfg.optim.gradient_accumulation_steps
 
     model = build_model(cfg, mesh)
+    if cfg.init_from is None and is_main and not (out / "base" / "config.json").exists():
+        # a randomly initialised base: export it, so the adapters saved below have a base to load onto
+        from zhjax.convert.hf import save_hf
+
+        save_hf(model, out / "base", tokenizer_dir=cfg.tokenizer)
     data = build_data(cfg, kind, model.config, mesh, global_batch * accum)
     model_cfg = model.config
     graphdef, trainable, frozen = split_model(model, trainable_filter(model.lora, cfg.full_finetuning))
@@ -142,7 +147,12 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     tx = build_optimizer(cfg.optim, trainable, total_steps)
     opt_state = jax.jit(tx.init)(trainable)
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    # moments follow their parameters' shardings; scalars (step counts) are replicated over the mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, opt_state
+    )
+    opt_state = jax.device_put(opt_state, opt_sh)
     schedule = learning_rate_schedule(cfg.optim, total_steps)
 
     ckpt = RunCheckpointer(out / "checkpoints", max_to_keep=cfg.save_total_limit, async_save=cfg.async_checkpointing)
@@ -246,7 +256,8 @@ def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: Pat
     if is_main and model.lora is not None:
         from zhjax.convert.peft import save_peft_adapter
 
-        save_peft_adapter(model, out / "adapter", base_model_name_or_path=cfg.init_from)
+        base = cfg.init_from or str((out / "base").absolute())
+        save_peft_adapter(model, out / "adapter", base_model_name_or_path=base)
         _save_tokenizer(cfg, out / "adapter")
 
 

@@ -1,0 +1,193 @@
+"""`zhjax pretrain` / `zhjax sft` end to end on the tiny presets: loss, logs, adapters, limits, resume, meshes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ZHJAX = [sys.executable, "-m", "zhjax.cli"]
+
+
+def run(args: list[str], *, env: dict | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_cli_trains_tiny_preset_and_writes_a_peft_adapter(tmp_path, kind):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    run([*ZHJAX, kind, "--config", f"configs/{kind}/tiny.yaml", f"output_dir={out}", "max_steps=30",
+         "save_steps=10", "save_total_limit=2", "logging_steps=5", f"data.data_cache_dir={tmp_path / 'cache'}"])
+    records = [m for m in metrics(out) if "loss" in m]
+    assert [m["step"] for m in records] == [5, 10, 15, 20, 25, 30]
+    for m in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_second"} <= set(m)
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert any("eval_loss" in m for m in metrics(out))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "30"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    # the adapter is real (not the seed's empty file) and peft puts it on the exported base with zhjax's logits
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 100_000
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    ids = np.arange(3, 40)[None]
+    with torch.no_grad():
+        ref = peft_model(torch.tensor(ids)).logits.numpy()
+    import zhjax
+    from zhjax.convert.peft import load_peft_adapter
+
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    model = zhjax.load_pretrained(
+        out / "base", lora=zhjax.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0)
+    )
+    load_peft_adapter(model, out / "adapter")
+    np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=1e-4, rtol=0)
+    plain = np.asarray(zhjax.load_pretrained(out / "base")(ids))
+    assert np.abs(plain - ref).max() > 1e-3  # training changed the model, so the comparison is not vacuous
+
+
+KILL_AFTER_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import zhjax.train.trainer as trainer
+    from zhjax.config import load_job_config
+
+    kill_at, mode = int(sys.argv[1]), sys.argv[2]
+    original = trainer.save
+
+    def save(ckpt, step, *args, **kwargs):
+        original(ckpt, step, *args, **kwargs)
+        if step == kill_at:
+            if mode == "after":      # the checkpoint is complete, then the machine dies
+                ckpt.wait()
+            os.kill(os.getpid(), signal.SIGKILL)  # "during": the async write is still in flight
+
+    trainer.save = save
+    trainer.train(load_job_config("pretrain", "configs/pretrain/tiny.yaml", sys.argv[3:]), "pretrain")
+    """
+)
+
+
+def test_resume_after_a_kill_continues_bitwise_and_a_crash_mid_save_keeps_the_last_checkpoint(tmp_path):
+    common = ["max_steps=20", "save_steps=10", "logging_steps=1", "eval_steps=0", "async_checkpointing=true",
+              f"data.data_cache_dir={tmp_path / 'cache'}"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", f"output_dir={straight}", *common])
+
+    killed = run([sys.executable, "-c", KILL_AFTER_SAVE, "10", "after", f"output_dir={resumed}", *common], check=False)
+    assert killed.returncode == -9
+    assert max(train_losses(resumed)) == 10
+    run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", f"output_dir={resumed}", *common])
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(b) == list(range(1, 21))
+    assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bitwise: same floats
+    from safetensors.numpy import load_file
+
+    wa, wb = load_file(straight / "adapter" / "adapter_model.safetensors"), load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert set(wa) == set(wb) and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+    # a crash while the step-20 checkpoint is being written leaves step 10 restorable
+    crashed = tmp_path / "crashed"
+    killed = run([sys.executable, "-c", KILL_AFTER_SAVE, "20", "during", f"output_dir={crashed}", *common], check=False)
+    assert killed.returncode == -9
+    from zhjax.train.checkpoint import RunCheckpointer
+
+    ckpt = RunCheckpointer(crashed / "checkpoints", max_to_keep=3)
+    assert ckpt.latest_step() in (10, 20)  # 20 only if the write happened to finish before the kill
+    ckpt.close()
+    again = run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", f"output_dir={crashed}", *common])
+    assert "resumed from" in again.stdout + again.stderr
+    c = train_losses(crashed)
+    assert c[20] == a[20]
+
+
+MESH_RUN = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import zhjax.train.trainer as trainer
+    from zhjax.config import load_job_config
+    from zhjax.parallel.mesh import make_mesh
+
+    cfg = load_job_config("pretrain", "configs/pretrain/tiny.yaml", sys.argv[1:])
+    shard_shapes = {}
+    if len(jax.devices()) > 1:
+        model = trainer.build_model(cfg, make_mesh(cfg.mesh))
+        for name, arr in [("q_kernel", model.layers.self_attn.q_proj.kernel[...]),
+                          ("embed", model.embed_tokens.embedding[...]),
+                          ("lora_a", model.layers.mlp.up_proj.lora_a[...])]:
+            shard_shapes[name] = [list(arr.shape), list(arr.addressable_shards[0].data.shape)]
+    summary = trainer.train(cfg, "pretrain")
+    print("RESULT" + json.dumps({"losses": summary["losses"], "shards": shard_shapes}))
+    """
+)
+
+
+def mesh_run(tmp_path, name, devices, overrides):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    args = [f"output_dir={tmp_path / name}", "max_steps=10", "logging_steps=1", "eval_steps=0", "save_steps=0",
+            "lora.lora_dropout=0.0", f"data.data_cache_dir={tmp_path / 'cache'}", *overrides]
+    proc = run([sys.executable, "-c", MESH_RUN, *args], env=env)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def test_fsdp_data_and_tensor_meshes_give_single_device_losses_with_real_sharding(tmp_path):
+    single = mesh_run(tmp_path, "single", 1, ["per_device_train_batch_size=8", "mesh.fsdp=1"])
+    cases = {
+        "fsdp8": ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"],
+        "data2_fsdp4": ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"],
+        "fsdp4_tensor2": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
+    }
+    for name, mesh in cases.items():
+        res = mesh_run(tmp_path, name, 8, ["per_device_train_batch_size=1", *mesh])
+        np.testing.assert_allclose(res["losses"], single["losses"], atol=1e-5, rtol=0, err_msg=name)
+        (q_full, q_shard), (e_full, e_shard) = res["shards"]["q_kernel"], res["shards"]["embed"]
+        fsdp = {"fsdp8": 8, "data2_fsdp4": 4, "fsdp4_tensor2": 4}[name]
+        tensor = 2 if name == "fsdp4_tensor2" else 1
+        assert q_shard == [q_full[0], q_full[1] // fsdp, q_full[2] // tensor], name  # [layers, embed, heads]
+        assert e_shard == [e_full[0] // tensor, e_full[1] // fsdp], name  # [vocab, embed]
+        a_full, a_shard = res["shards"]["lora_a"]
+        assert a_shard == [a_full[0], a_full[1] // fsdp, a_full[2]], name
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_last_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", f"output_dir={out}", "max_steps=30",
+                "save_steps=2", "eval_steps=0", "optim.learning_rate=1e30", "optim.max_grad_norm=0",
+                "optim.warmup_ratio=0", f"data.data_cache_dir={tmp_path / 'cache'}"], check=False)
+    assert proc.returncode != 0
+    assert "NonFiniteLossError: non-finite loss or gradient at step" in proc.stderr
+    assert "last good checkpoint:" in proc.stderr
+
+
+def test_bad_config_is_refused_before_any_work(tmp_path):
+    proc = run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", "optim.lr_scheduler_type=cosine_typo"],
+               check=False)
+    assert proc.returncode == 2
+    assert "lr_scheduler_type 'cosine_typo' is not supported" in proc.stderr
+    proc = run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", "mesh.fsdp=3"], check=False)
+    assert proc.returncode != 0 and "mesh:" in proc.stderr
