@@ -137,7 +137,7 @@ def main() -> None:
     if args.method:
         return worker(args)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     rows = []
     for kind in args.tokenizers.split(","):
         note = ids_agree(kind)

@@ -76,6 +76,11 @@ def test_chat_template_trains_only_assistant_turns(tok):
     trained = [t for t, lab in zip(out["input_ids"], out["labels"], strict=True) if lab != -100]
     assert trained == ids(tok, "您好！") + [tok.eos_token_id] + ids(tok, "dog") + [tok.eos_token_id]
     assert tok.decode(out["input_ids"]) == "<s>user\n你好</s>\n<s>assistant\n您好！</s>\n<s>user\nfox</s>\n<s>assistant\ndog</s>"
+    echo = encode_example({"instruction": "dog", "output": "dog"}, tok, "chat")  # the response is found by position
+    assert [t for t, lab in zip(echo["input_ids"], echo["labels"], strict=True) if lab != -100] == \
+        ids(tok, "dog") + [tok.eos_token_id]
+    assert tok.decode([t for t, lab in zip(echo["input_ids"], echo["labels"], strict=True) if lab == -100]) == \
+        "<s>user\ndog</s>\n<s>assistant\n"
 
 
 def test_multi_turn_alpaca2_and_role_content_records(tok):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -101,20 +102,29 @@ def parse_turns(record: dict) -> tuple[str | None, list[tuple[str, str]]]:
 
 
 def _chat_segments(tokenizer, system: str | None, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(prompt text, response text) per turn, cut out of the tokenizer's own chat template rendering."""
+    """(prompt text, response text) per turn, cut out of the tokenizer's own chat template rendering.
+
+    The template renders placeholders instead of the messages, so a response is found by position, never by
+    searching for its text (which may also occur in a prompt).
+    """
     messages = [{"role": "system", "content": system}] if system is not None else []
     for user, assistant in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    segments, cursor = [], 0
-    for _, assistant in turns:
-        at = text.find(assistant, cursor) if assistant else -1
-        if at < 0:
-            raise ValueError("the tokenizer's chat template changes assistant messages; cannot locate the response")
-        segments.append((text[cursor:at], assistant))
-        cursor = at + len(assistant)
-        if tokenizer.eos_token and text.startswith(tokenizer.eos_token, cursor):
-            cursor += len(tokenizer.eos_token)  # the EOS id is appended instead
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters: never in real text
+    rendered = tokenizer.apply_chat_template([m | {"content": k} for m, k in zip(messages, marks, strict=True)],
+                                             tokenize=False)
+    pieces = re.split("(\ue000\\d+\ue001)", rendered)
+    if pieces[1::2] != marks:
+        raise ValueError("the tokenizer's chat template drops, repeats or reorders messages")
+    segments, prompt = [], pieces[0]
+    for mark, text in zip(pieces[1::2], pieces[2::2], strict=True):
+        message = messages[marks.index(mark)]
+        if message["role"] != "assistant":
+            prompt += message["content"] + text
+            continue
+        segments.append((prompt, message["content"]))
+        eos = tokenizer.eos_token or ""
+        prompt = text[len(eos):] if eos and text.startswith(eos) else text  # the EOS id is appended instead
     return segments
 
 
