@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 import zhjax  # noqa: E402
 from zhjax.config import LORA_TARGETS, LoraConfig  # noqa: E402
 from zhjax.convert.peft import load_lora_weights  # noqa: E402
-from zhjax.model.params import split_model, trainable_filter  # noqa: E402
+from zhjax.model.params import count_params, split_model, trainable_filter  # noqa: E402
 from zhjax.train.optim import OptimConfig, build_optimizer  # noqa: E402
 from zhjax.train.step import make_train_step  # noqa: E402
 
@@ -97,3 +97,25 @@ def test_thirty_steps_match_pytorch_peft_adamw_cosine(tmp_path):
     # the frozen base did not move by a single bit
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_full_finetuning_trains_every_parameter_and_lora_training_none_of_the_base(tmp_path):
+    random_hf_model(tmp_path, num_key_value_heads=2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (1, 2, SEQ)))
+    batch = {"input_ids": ids, "labels": ids}
+    for full in (True, False):
+        lora = None if full else LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0)
+        model = zhjax.load_pretrained(tmp_path, lora=lora)
+        graphdef, trainable, frozen = split_model(model, trainable_filter(lora, full_finetuning=full))
+        before = jax.tree.map(np.asarray, (trainable, frozen))
+        tx = build_optimizer(OptimConfig(learning_rate=1e-2, warmup_ratio=0.0), trainable, 10)
+        step = jax.jit(make_train_step(graphdef, tx, use_dropout=False))
+        trainable, _, _ = step(trainable, tx.init(trainable), frozen, batch, jax.random.key(0), 0)
+        moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(trainable), strict=True)]
+        if full:
+            assert count_params(frozen) == 0 and all(moved)
+        else:
+            # B starts at zero, so after one step A has no gradient yet; everything with a gradient moved
+            assert sum(moved) >= len(moved) // 2
+            for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(frozen), strict=True):
+                np.testing.assert_array_equal(a, np.asarray(b))

@@ -191,3 +191,27 @@ def test_bad_config_is_refused_before_any_work(tmp_path):
     assert "lr_scheduler_type 'cosine_typo' is not supported" in proc.stderr
     proc = run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", "mesh.fsdp=3"], check=False)
     assert proc.returncode != 0 and "mesh:" in proc.stderr
+
+
+def test_adapters_from_continues_an_earlier_lora(tmp_path):
+    """The Plus recipe: SFT starts from the pre-training run's adapter and trained embed/head."""
+    out = tmp_path / "pt"
+    run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", f"output_dir={out}", "max_steps=5",
+         "eval_steps=0", f"data.data_cache_dir={tmp_path / 'cache'}"])
+    from safetensors.numpy import load_file
+
+    from zhjax.config import load_job_config
+    from zhjax.convert.peft import lora_state_dict
+    from zhjax.parallel.mesh import make_mesh
+    from zhjax.train.trainer import build_model
+
+    cfg = load_job_config("sft", "configs/sft/tiny.yaml", [f"adapters_from={out}", f"init_from={out / 'base'}"])
+    model = build_model(cfg, make_mesh(cfg.mesh))
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    ours = lora_state_dict(model)
+    assert set(ours) <= set(saved)
+    for k, v in ours.items():
+        np.testing.assert_array_equal(v, saved[k])
+    np.testing.assert_array_equal(
+        np.asarray(model.embed_tokens.embedding[...]), saved["base_model.model.model.embed_tokens.weight"]
+    )
