@@ -23,14 +23,16 @@ class TrainData:
     """Train batches (resumable) and validation batches of one job."""
 
     def __init__(self, train, validation, *, cfg: JobConfig, mesh, global_batch: int, accum: int, pad_id: int,
-                 use_segments: bool):
+                 use_segments: bool, bucket_lengths: tuple[int, ...] | None = None):
         self.mesh, self.accum, self.use_segments = mesh, accum, use_segments
         self.global_batch = global_batch  # rows per optimizer step (all micro-batches)
-        self.loader = DataLoader(train, global_batch, seed=cfg.seed, pad_id=pad_id, mesh=None)
+        self.bucket_lengths = bucket_lengths  # unpacked SFT: a few static lengths, one compiled step each
+        self.loader = DataLoader(train, global_batch, seed=cfg.seed, pad_id=pad_id, mesh=None,
+                                 bucket_lengths=bucket_lengths)
         self.validation = validation
         self.eval_batch = cfg.per_device_eval_batch_size * len(mesh.devices.flat)
         self.pad_id = pad_id
-        self.seq_len = self.loader.row_length
+        self.seq_len = bucket_lengths[-1] if bucket_lengths else self.loader.row_length
         self.steps_per_epoch = max(len(self.loader), 1)
         self._micro_sharding = NamedSharding(mesh, PartitionSpec(None, RULES["batch"]))
         self._iter: Iterator | None = None
@@ -59,7 +61,7 @@ class TrainData:
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
         """One pass over the validation rows, in order, as global `[batch, seq]` arrays."""
         loader = DataLoader(self.validation, self.eval_batch, seed=0, pad_id=self.pad_id, mesh=self.mesh,
-                            num_epochs=1, prefetch=0)
+                            num_epochs=1, prefetch=0, bucket_lengths=self.bucket_lengths)
         for batch in loader:
             yield self._prepare(batch)
 
@@ -89,6 +91,7 @@ def build_data(cfg: JobConfig, kind: str, model_config: ModelConfig, mesh, rows_
     d = cfg.data
     if not d.train_files:
         raise ValueError("data.train_files is empty: give the training text files or directories")
+    buckets = None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if kind == "pretrain":
         from zhjax.data.pretrain import prepare_pretrain_data
@@ -119,6 +122,11 @@ def build_data(cfg: JobConfig, kind: str, model_config: ModelConfig, mesh, rows_
         else:
             validation = None
         train = rows
-        use_segments = True  # packed examples must not see each other
+        use_segments = True  # packed examples must not see each other; padding is segment 0
+        if not d.pack:
+            from zhjax.data.loader import default_bucket_lengths
+
+            buckets = default_bucket_lengths(d.max_seq_length)
     return TrainData(train, validation, cfg=cfg, mesh=mesh, global_batch=rows_per_step,
-                     accum=cfg.optim.gradient_accumulation_steps, pad_id=pad_id, use_segments=use_segments)
+                     accum=cfg.optim.gradient_accumulation_steps, pad_id=pad_id, use_segments=use_segments,
+                     bucket_lengths=buckets)
