@@ -38,13 +38,35 @@ def _train(kind: str, argv: list[str]) -> int:
     return 0
 
 
+def _recipe(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="zhjax recipe", description="Run the whole method, stage by stage (cached).")
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    from zhjax.recipe import load_recipe_config, run_recipe
+
+    try:
+        cfg = load_recipe_config(args.config, args.overrides)
+    except ValueError as e:
+        print(f"zhjax recipe: {e}", file=sys.stderr)
+        return 2
+    run_recipe(cfg)
+    return 0
+
+
+COMMANDS = {
+    "pretrain": lambda argv: _train("pretrain", argv),
+    "sft": lambda argv: _train("sft", argv),
+    "recipe": _recipe,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("pretrain", "sft")
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(f"usage: zhjax {{{','.join(commands)}}} --config FILE [key.sub=value ...]", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: zhjax {{{','.join(COMMANDS)}}} [--config FILE] [key.sub=value ...]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return _train(argv[0], argv[1:])
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,217 @@
+"""`zhjax recipe`: the whole Chinese-LLaMA method on one config, stage by stage, each stage cached.
+
+    zhjax recipe --config configs/recipes/smollm2-zh-demo.yaml [key.sub=value ...]
+
+Stages (the same library calls the tools make; outputs under `work_dir`):
+
+1. `data`      instruction data and a document-level train/validation/test split of the corpus
+               (`zhjax.data.instructions.build_instructions`, as `tools/build_instructions.py`)
+2. `tokenizer` extend the base's byte-level BPE with Chinese tokens learned on the train split
+               (`zhjax.tokenizer.bpe.extend_bpe_tokenizer`, as `tools/merge_tokenizers.py --kind bpe`)
+3. `resize`    grow embed_tokens / lm_head to the new vocab (`resize_hf_checkpoint`, as `tools/resize_model.py`)
+4. `pretrain`  LoRA + embed/head continued pre-training on the train split (`zhjax pretrain`)
+5. `sft`       Alpaca-template instruction tuning continuing the pre-training adapter (`zhjax sft`)
+6. `export`    merge base + PT adapter (+ SFT adapter) into plain HF dirs (`tools/export_hf.py`)
+7. `evaluate`  with `transformers`: tokens per character, held-out bits per character, task scores before and
+               after SFT, sample answers; printed as a table and written to `work_dir/results.json`
+
+A stage whose output exists with the same settings is skipped, so a re-run resumes where the last one stopped
+(the training stages also resume from their own checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zhjax.config import PretrainConfig, SFTConfig
+
+
+@dataclass
+class EvalConfig:
+    heldout_lines: int = 200
+    test_examples: int = 60
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    show_answers: int = 3
+    evaluate_base_tasks: bool = True
+
+
+@dataclass
+class RecipeConfig:
+    """The stages' settings; `pretrain` and `sft` are ordinary job configs (paths are filled in by the recipe)."""
+
+    base_model: str = "assets/smollm2-135m"
+    corpus_tagged: str = "assets/corpus/199801_tagged.txt"
+    work_dir: str = "outputs/smollm2-zh-demo"
+    max_examples: int = 3000
+    new_tokens: int = 6000
+    resize_init: str = "subword"
+    seed: int = 0
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
+    """YAML + dotted overrides, as for training jobs."""
+    import draccus
+
+    args = [a if a.startswith("--") else f"--{a}" for a in overrides]
+    try:
+        return draccus.parse(RecipeConfig, config_path=path, args=args, exit_on_error=False)
+    except (draccus.utils.DraccusException, draccus.utils.ParsingError, ValueError, TypeError) as e:
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        raise ValueError(f"invalid recipe config {path or ''}: {e}{cause}") from e
+
+
+class Stages:
+    """Runs named stages once per settings fingerprint, recording each in `work_dir/stages.json`."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.file = work / "stages.json"
+        self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def run(self, name: str, settings: dict, fn) -> None:
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if self.done.get(name) == key:
+            print(f"[{name}] cached")
+            return
+        start = time.perf_counter()
+        print(f"[{name}] running", flush=True)
+        fn()
+        self.done[name] = key
+        self.file.write_text(json.dumps(self.done, indent=2))
+        print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run_recipe(cfg: RecipeConfig) -> dict:
+    """Run every stage (cached ones are skipped) and return the results table as a dict."""
+    from zhjax.train.trainer import train
+
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = Stages(work)
+    data, tok, base_zh = work / "data", work / "tokenizer", work / "base-zh"
+    pt_out, sft_out = work / "pretrain", work / "sft"
+    pt_merged, final = work / "merged-pretrain", work / "merged-final"
+    t0 = time.perf_counter()
+
+    def build_data():
+        from zhjax.data.instructions import build_instructions
+
+        print(build_instructions(cfg.corpus_tagged, data, max_examples=cfg.max_examples, seed=cfg.seed))
+
+    stages.run("data", {"tagged": cfg.corpus_tagged, "n": cfg.max_examples, "seed": cfg.seed}, build_data)
+
+    def build_tokenizer():
+        from zhjax.tokenizer.bpe import extend_bpe_tokenizer
+
+        print(extend_bpe_tokenizer(cfg.base_model, [data / "text" / "train.txt"], cfg.new_tokens, tok))
+
+    stages.run("tokenizer", {"base": cfg.base_model, "n": cfg.new_tokens, "data": stages.done.get("data")}, build_tokenizer)
+
+    def resize():
+        from zhjax.tokenizer.resize_model import resize_hf_checkpoint
+
+        print(resize_hf_checkpoint(cfg.base_model, tok, base_zh, init=cfg.resize_init, seed=cfg.seed))
+
+    stages.run("resize", {"init": cfg.resize_init, "tok": stages.done.get("tokenizer")}, resize)
+
+    pt = dataclasses.replace(
+        cfg.pretrain, init_from=str(base_zh), tokenizer=str(tok), output_dir=str(pt_out),
+        data=dataclasses.replace(cfg.pretrain.data, train_files=[str(data / "text" / "train.txt")],
+                                 validation_files=[str(data / "text" / "validation.txt")]),
+    )
+    stages.run("pretrain", {"job": _jsonable(pt), "base": stages.done.get("resize")}, lambda: train(pt, "pretrain"))
+
+    sft = dataclasses.replace(
+        cfg.sft, init_from=str(base_zh), tokenizer=str(tok), adapters_from=str(pt_out), output_dir=str(sft_out),
+        data=dataclasses.replace(cfg.sft.data, train_files=[str(data / "train.json")],
+                                 validation_files=[str(data / "validation.json")]),
+    )
+    stages.run("sft", {"job": _jsonable(sft), "pt": stages.done.get("pretrain")}, lambda: train(sft, "sft"))
+
+    def export():
+        from zhjax.convert.merge import merge_adapters
+
+        merge_adapters(base_zh, [pt_out / "adapter"], pt_merged, dtype="float32")
+        merge_adapters(base_zh, [pt_out / "adapter", sft_out / "adapter"], final, dtype="float32")
+
+    stages.run("export", {"pt": stages.done.get("pretrain"), "sft": stages.done.get("sft")}, export)
+
+    results = evaluate(cfg, data, work)
+    results["wall_seconds"] = time.perf_counter() - t0
+    (work / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(format_results(results))
+    return results
+
+
+def evaluate(cfg: RecipeConfig, data: Path, work: Path) -> dict:
+    """The results table's numbers, computed with `transformers` on the exported models."""
+    from transformers import AutoTokenizer
+
+    from zhjax.data.instructions import NAMES_INSTRUCTION, aggregate_scores, score_names, score_segmentation
+    from zhjax.data.templates import join_instruction, render_prompt
+    from zhjax.evaluate import bits_per_character, generate_answers, load_hf
+
+    e = cfg.eval
+    lines = [x for x in (data / "text" / "test.txt").read_text(encoding="utf-8").splitlines() if x][: e.heldout_lines]
+    chars = sum(len(x) for x in lines)
+    tokens_per_char = {}
+    for name, d in (("base", cfg.base_model), ("extended", work / "tokenizer")):
+        t = AutoTokenizer.from_pretrained(d)
+        tokens_per_char[name] = sum(len(t(x, add_special_tokens=False)["input_ids"]) for x in lines) / chars
+
+    examples = json.loads((data / "test.json").read_text(encoding="utf-8"))[: e.test_examples]
+    prompts = [render_prompt("alpaca", join_instruction(x["instruction"], x["input"])) for x in examples]
+    models = {"base SmolLM2": cfg.base_model, "after pre-training": work / "merged-pretrain", "after SFT": work / "merged-final"}
+    bpc, tasks, answers = {}, {}, {}
+    for name, path in models.items():
+        model, tok = load_hf(str(path))
+        bpc[name] = bits_per_character(model, tok, lines).bits_per_char
+        if name == "base SmolLM2" and not e.evaluate_base_tasks:
+            continue
+        preds = generate_answers(model, tok, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+        answers[name] = preds
+        names = [score_names(p, x["output"]) for p, x in zip(preds, examples, strict=True) if x["instruction"] == NAMES_INSTRUCTION]
+        segs = [score_segmentation(p, x["output"]) for p, x in zip(preds, examples, strict=True) if x["instruction"] != NAMES_INSTRUCTION]
+        tasks[name] = {"names": aggregate_scores(names) if names else {}, "segmentation": aggregate_scores(segs) if segs else {}}
+    samples = [
+        {"instruction": x["instruction"], "input": x["input"], "gold": x["output"], "answer": answers["after SFT"][i]}
+        for i, x in enumerate(examples[: e.show_answers])
+    ]
+    return {"tokens_per_char": tokens_per_char, "bits_per_char": bpc, "tasks": tasks, "samples": samples,
+            "heldout_characters": chars, "test_examples": len(examples)}
+
+
+def format_results(r: dict) -> str:
+    """The results as a Markdown table plus sample answers."""
+    out = ["", "| measure | value |", "|---|---|"]
+    t = r["tokens_per_char"]
+    out.append(f"| tokens per Chinese character, base -> extended tokenizer | {t['base']:.3f} -> {t['extended']:.3f} |")
+    for name, v in r["bits_per_char"].items():
+        out.append(f"| held-out bits per character, {name} | {v:.3f} |")
+    for name, s in r["tasks"].items():
+        n, g = s.get("names", {}), s.get("segmentation", {})
+        if n:
+            out.append(f"| names exact match / F1, {name} | {n.get('exact_match', 0):.3f} / {n.get('f1', 0):.3f} |")
+        if g:
+            out.append(f"| segmentation word F1, {name} | {g.get('f1', g.get('word_f1', 0)):.3f} |")
+    out.append(f"\nheld-out text: {r['heldout_characters']} characters; test examples: {r['test_examples']}")
+    for s in r["samples"]:
+        out += ["", f"Q: {s['instruction']}\n   {s['input']}", f"gold:   {s['gold']}", f"answer: {s['answer']}"]
+    return "\n".join(out)
+
+
+def _jsonable(x):
+    if dataclasses.is_dataclass(x):
+        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
