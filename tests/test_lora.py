@@ -122,3 +122,15 @@ def test_lora_dropout_is_random_in_training_and_off_in_eval(tmp_path):
     np.testing.assert_array_equal(np.asarray(k1), np.asarray(k1_again))
     assert np.abs(np.asarray(k1) - np.asarray(k2)).max() > 1e-4
     assert np.abs(np.asarray(k1) - np.asarray(eval_a)).max() > 1e-4
+
+
+def test_dropout_drops_at_the_configured_rate_and_keeps_the_mean():
+    from zhjax.model.lora import dropout
+
+    x = jnp.ones((64, 1000))
+    y = np.asarray(dropout(x, 0.05, jax.random.key(0)))
+    dropped = (y == 0).mean()
+    assert abs(dropped - 0.05) < 0.003  # realised rate 13/256 = 0.0508
+    assert abs(y.mean() - 1.0) < 0.01
+    assert np.array_equal(np.asarray(dropout(x, 0.05, jax.random.key(0))), y)
+    assert not np.array_equal(np.asarray(dropout(x, 0.05, jax.random.key(1))), y)

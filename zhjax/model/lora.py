@@ -32,6 +32,23 @@ def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype) -> jax
     return jax.random.uniform(key, shape, dtype=jnp.float32, minval=-bound, maxval=bound).astype(dtype)
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout with 8 random bits per element.
+
+    `jax.random.bernoulli` draws 32 bits per element, which on CPU costs more than the LoRA matmuls it guards;
+    four 8-bit draws per 32-bit word are about 3x cheaper. The rate is rounded to a multiple of 1/256
+    (0.05 -> 0.0508) and kept values are scaled by the realised keep probability, so the expectation is exact.
+    """
+    threshold = round(rate * 256)
+    if threshold == 0:
+        return x
+    n = x.size
+    words = jax.random.bits(key, (-(-n // 4),), jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
+    keep_prob = 1.0 - threshold / 256
+    return jnp.where(bits >= threshold, x / keep_prob, 0).astype(x.dtype)
+
+
 class Linear(nnx.Module):
     """`x @ kernel (+ bias)` with an optional LoRA adapter; weights may be stacked over leading dims."""
 
@@ -82,8 +99,7 @@ class Linear(nnx.Module):
         if self.lora_a is not None:
             xd = x
             if dropout_rng is not None and self.lora_dropout > 0.0:
-                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
-                xd = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
+                xd = dropout(x, self.lora_dropout, dropout_rng)
             delta = (xd @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
             y = y + (delta * self.lora_scaling).astype(y.dtype)
         return y
