@@ -1,0 +1,222 @@
+"""Grow a whole model to an extended tokenizer: an HF checkpoint on disk (streamed) or a zhjax model in memory.
+
+`zhjax.tokenizer.resize` grows one `[V, D]` matrix; this module applies it to a model:
+
+- `resize_hf_checkpoint(base_dir, new_tokenizer_dir, out_dir, init)` reads the base HF dir tensor by tensor
+  and writes a new HF dir in which `embed_tokens` and, when the model is untied, `lm_head` have the new
+  tokenizer's vocab size. Every other tensor passes through unchanged, `config.json` changes only its
+  `vocab_size`, and the new tokenizer's files are copied in. At most one shard is held in memory, so a 7B
+  model resizes on a laptop.
+- `resize_model(model, new_vocab_size, init, source_ids, seed)` does the same to a zhjax model in memory and
+  returns a new model (its config's `vocab_size` updated); the input model is left as it was.
+
+In both, the old rows are copied bit for bit, so the logits of the old tokens are unchanged by a resize. A tied
+model stays tied: its one matrix is grown once and serves as embedding and head. An untied head is grown with
+the same init rule, applied to the head's own rows in HF's `[V, D]` layout (for `subword`, the mean of the
+*head* rows of the base pieces), with its own random draws (`seed + 1`) for `normal` and `mean`.
+
+Before anything is written, `check_extends` makes sure the new tokenizer extends the base: every id the base
+tokenizer has names the same token in the new one. A resize keeps row `i` for id `i`, so any other tokenizer
+would silently pair old rows with the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from zhjax.convert.hf import CheckpointReader, hf_tensor_names, read_config, write_hf_dir
+from zhjax.tokenizer.guards import load_tokenizer, tokenizer_vocab_size
+from zhjax.tokenizer.resize import INITS, resize_embedding, subword_source_ids
+
+__all__ = ["ResizeResult", "check_extends", "resize_hf_checkpoint", "resize_model"]
+
+EMBED_PATH = ("embed_tokens", "embedding")
+HEAD_PATH = ("lm_head", "kernel")
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    """What `resize_hf_checkpoint` wrote: sizes, init and which tensors were grown."""
+
+    out_dir: Path
+    old_vocab_size: int
+    new_vocab_size: int
+    init: str
+    tied: bool
+    resized: tuple[str, ...]
+
+
+def _vocab(tokenizer: Any) -> dict[str, int]:
+    """token -> id of an HF (tokenizers-backed) tokenizer or a `tokenizers.Tokenizer`, added tokens included."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if hasattr(backend, "get_vocab"):
+        try:
+            return dict(backend.get_vocab(with_added_tokens=True))
+        except TypeError:  # an HF tokenizer without a tokenizers backend
+            return dict(backend.get_vocab())
+    raise TypeError(f"cannot read the vocabulary of a {type(tokenizer).__name__}")
+
+
+def check_extends(base_tokenizer: Any, new_tokenizer: Any, model_vocab_size: int, *, where: str = "") -> None:
+    """Raise ValueError unless `new_tokenizer` extends `base_tokenizer` for a model of `model_vocab_size` rows.
+
+    Extends means: every base token keeps its id in the new tokenizer, the new one is not smaller than the
+    model, and its new ids start at `model_vocab_size` (when the model has padding rows past the base
+    tokenizer's ids, a new token may not take one of them). `where` names the tokenizers in the message.
+    """
+    prefix = f"{where}: " if where else ""
+    base, new = _vocab(base_tokenizer), _vocab(new_tokenizer)
+    base_size, new_size = tokenizer_vocab_size(base_tokenizer), tokenizer_vocab_size(new_tokenizer)
+    if base_size > model_vocab_size:
+        raise ValueError(
+            f"{prefix}the base tokenizer has {base_size} tokens but the model only {model_vocab_size} rows: "
+            "it is not the tokenizer this model was trained with (pass the model's own tokenizer as the base)"
+        )
+    if new_size < model_vocab_size:
+        raise ValueError(
+            f"{prefix}the new tokenizer has {new_size} tokens, fewer than the model's {model_vocab_size} rows; "
+            "a resize only grows a vocabulary. Is it the base tokenizer rather than the extended one?"
+        )
+    moved = [(token, i, new.get(token)) for token, i in sorted(base.items(), key=lambda kv: kv[1])
+             if new.get(token) != i]
+    if moved:
+        token, old_id, new_id = moved[0]
+        now = "is missing" if new_id is None else f"has id {new_id}"
+        raise ValueError(
+            f"{prefix}the new tokenizer does not extend the base tokenizer: {len(moved)} of {len(base)} base tokens "
+            f"changed id, e.g. {token!r} has id {old_id} in the base but {now} in the new one. A resize keeps "
+            "row i for id i, so the new tokenizer must keep every base id: build it from this base with "
+            "tools/merge_tokenizers.py."
+        )
+    squatters = sorted(i for token, i in new.items() if base_size <= i < model_vocab_size and token not in base)
+    if squatters:
+        raise ValueError(
+            f"{prefix}the model has {model_vocab_size} rows but its base tokenizer only {base_size} ids, and the "
+            f"new tokenizer puts new tokens on padding rows {squatters[0]}..{squatters[-1]}; new tokens must "
+            f"take ids from {model_vocab_size} on"
+        )
+
+
+def _source_ids(init: str, base_tokenizer: Any, new_tokenizer: Any, old_vocab: int) -> list[list[int]] | None:
+    return subword_source_ids(base_tokenizer, new_tokenizer, old_vocab) if init == "subword" else None
+
+
+def resize_hf_checkpoint(
+    base_dir: str | Path,
+    new_tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    init: str = "subword",
+    seed: int = 0,
+    *,
+    base_tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> ResizeResult:
+    """Write `out_dir`: the HF model of `base_dir` grown to the tokenizer of `new_tokenizer_dir`.
+
+    `init` is "normal", "mean" or "subword" (see `zhjax.tokenizer.resize`); `seed` makes the first two
+    reproducible. The base tokenizer (for the extension check and the subword pieces) is read from
+    `base_tokenizer_dir`, by default `base_dir`. Tensors stream from the base's safetensors (or `.bin`) files
+    into sharded safetensors; `out_dir` appears only when complete.
+
+    Raises:
+        ValueError: unknown init, `out_dir` equal to `base_dir`, or a new tokenizer that does not extend the
+            base (see `check_extends`).
+        ConversionError: an unreadable checkpoint, or an untied model without its `lm_head` tensor.
+    """
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: expected one of {INITS}")
+    base_dir = Path(base_dir)
+    if Path(out_dir).resolve() == base_dir.resolve():
+        raise ValueError(f"out_dir {out_dir} is the base dir: the base is read while the output is written")
+    config, raw = read_config(base_dir)
+    old_vocab = config.vocab_size
+    base_tok = load_tokenizer(base_tokenizer_dir or base_dir)
+    new_tok = load_tokenizer(new_tokenizer_dir)
+    check_extends(
+        base_tok, new_tok, old_vocab,
+        where=f"base {base_tokenizer_dir or base_dir}, new tokenizer {new_tokenizer_dir}",
+    )
+    new_vocab = tokenizer_vocab_size(new_tok)
+    sources = _source_ids(init, base_tok, new_tok, old_vocab)
+
+    reader = CheckpointReader(base_dir)
+    layers = config.num_hidden_layers
+    embed_name = hf_tensor_names(EMBED_PATH, layers)[0]
+    head_name = hf_tensor_names(HEAD_PATH, layers)[0]
+    # A tied checkpoint usually omits lm_head; if it holds one, it is grown with the embedding's draws.
+    seeds = {embed_name: seed, head_name: seed if config.tie_word_embeddings else seed + 1}
+    to_resize = [embed_name] + ([head_name] if head_name in reader.where or not config.tie_word_embeddings else [])
+    for name in to_resize:
+        reader.get(name, (old_vocab, config.hidden_size))  # fail before writing anything
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for name in reader.where:
+            arr = reader.get(name)
+            if name in to_resize:
+                arr = resize_embedding(np.asarray(arr), new_vocab, init, source_ids=sources, rng_seed=seeds[name])
+            yield name, arr
+
+    config_json = {**raw, "vocab_size": new_vocab}
+    generation = base_dir / "generation_config.json"
+    written = write_hf_dir(
+        tensors(),
+        out_dir,
+        config_json,
+        generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
+        tokenizer_dir=new_tokenizer_dir,
+        max_shard_bytes=max_shard_bytes,
+    )
+    return ResizeResult(written, old_vocab, new_vocab, init, config.tie_word_embeddings, tuple(to_resize))
+
+
+def _grow(value: jax.Array, new_vocab: int, init: str, sources, seed: int, *, transposed: bool) -> jax.Array:
+    """Grow one parameter on the host and put it back with its old sharding (`transposed`: `[D, V]` layout)."""
+    host = np.asarray(jax.device_get(value))
+    # contiguous [V, D] rows: numpy's summation order (so the mean init's bits) follows the memory layout
+    rows = np.ascontiguousarray(host.T if transposed else host)
+    grown = resize_embedding(rows, new_vocab, init, source_ids=sources, rng_seed=seed)
+    grown = np.ascontiguousarray(grown.T if transposed else grown)
+    return jax.device_put(grown, value.sharding)
+
+
+def resize_model(
+    model: nnx.Module,
+    new_vocab_size: int,
+    init: str = "subword",
+    source_ids: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+) -> nnx.Module:
+    """A copy of zhjax `model` with `embed_tokens` (and an untied `lm_head`) grown to `new_vocab_size` rows.
+
+    `source_ids` are required for "subword" (see `zhjax.tokenizer.resize.subword_source_ids`); `seed` drives
+    "normal" and "mean" (the untied head uses `seed + 1`). The copy's config has the new `vocab_size`; every
+    other variable (LoRA adapters included) is shared with `model`, which is not modified.
+    """
+    from zhjax.model.llama import LlamaForCausalLM
+
+    config = model.config
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: expected one of {INITS}")
+    new_config = config.replace(vocab_size=new_vocab_size)
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(new_config, model.lora, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    _, state = nnx.split(model)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(k) for k in path)
+        if key in (EMBED_PATH, HEAD_PATH):
+            value = var.get_value() if hasattr(var, "get_value") else var.value
+            offset = 0 if key == EMBED_PATH else 1
+            var = var.replace(
+                _grow(value, new_vocab_size, init, source_ids, seed + offset, transposed=key == HEAD_PATH)
+            )
+        flat.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
