@@ -432,6 +432,7 @@ def write_hf_dir(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
     try:
         shards: list[list[str]] = []
         buffer: dict[str, np.ndarray] = {}
