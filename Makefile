@@ -18,6 +18,7 @@ assets: $(STAMP)
 
 demo: assets
 	$(PY) tools/parity_report.py --model assets/smollm2-135m
+	$(VENV)/bin/zhjax recipe --config configs/recipes/smollm2-zh-demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
