@@ -170,12 +170,12 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path) -> dict:
 
     examples = json.loads((data / "test.json").read_text(encoding="utf-8"))[: e.test_examples]
     prompts = [render_prompt("alpaca", join_instruction(x["instruction"], x["input"])) for x in examples]
-    models = {"base SmolLM2": cfg.base_model, "after pre-training": work / "merged-pretrain", "after SFT": work / "merged-final"}
+    models = {"base model": cfg.base_model, "after pre-training": work / "merged-pretrain", "after SFT": work / "merged-final"}
     bpc, tasks, answers = {}, {}, {}
     for name, path in models.items():
         model, tok = load_hf(str(path))
         bpc[name] = bits_per_character(model, tok, lines).bits_per_char
-        if name == "base SmolLM2" and not e.evaluate_base_tasks:
+        if name == "base model" and not e.evaluate_base_tasks:
             continue
         preds = generate_answers(model, tok, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
         answers[name] = preds

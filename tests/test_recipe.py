@@ -1,0 +1,55 @@
+"""The demo pipeline end to end on a tiny random LLaMA: every stage's output feeds the next, and re-runs are cached."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_path, assets, capsys):
+    from zhjax.recipe import load_recipe_config, run_recipe
+
+    # a tiny random LLaMA with the bundled byte-level BPE tokenizer, as the base model
+    tok = transformers.AutoTokenizer.from_pretrained(REPO / "configs" / "tiny" / "tokenizer")
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    tagged = tmp_path / "tagged.txt"
+    lines = assets.corpus_tagged.read_text(encoding="utf-8").splitlines()[:1500]
+    tagged.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    job = ["dtype=float32", "data.block_size=64", "per_device_train_batch_size=2", "max_steps=3",
+           "logging_steps=1", "eval_steps=0", "save_steps=0", f"data.data_cache_dir={tmp_path / 'cache'}"]
+    overrides = [f"base_model={tmp_path / 'base'}", f"corpus_tagged={tagged}", f"work_dir={tmp_path / 'work'}",
+                 "max_examples=120", "new_tokens=40", "eval.heldout_lines=10", "eval.test_examples=4",
+                 "eval.max_new_tokens=8", *[f"pretrain.{o}" for o in job], *[f"sft.{o}" for o in job],
+                 "sft.data.max_seq_length=512"]
+    cfg = load_recipe_config(None, overrides)
+    results = run_recipe(cfg)
+
+    work = tmp_path / "work"
+    assert json.loads((work / "results.json").read_text(encoding="utf-8"))["tokens_per_char"] == results["tokens_per_char"]
+    assert results["tokens_per_char"]["extended"] < results["tokens_per_char"]["base"]
+    assert set(results["bits_per_char"]) == {"base model", "after pre-training", "after SFT"}
+    assert all(v > 0 for v in results["bits_per_char"].values())
+    assert len(results["samples"]) == 3
+    merged = transformers.AutoModelForCausalLM.from_pretrained(work / "merged-final")
+    assert merged.config.vocab_size == len(transformers.AutoTokenizer.from_pretrained(work / "tokenizer"))
+    assert json.loads((work / "stages.json").read_text()).keys() == {"data", "tokenizer", "resize", "pretrain", "sft", "export"}
+
+    capsys.readouterr()
+    run_recipe(cfg)  # everything cached: only the evaluation runs again
+    out = capsys.readouterr().out
+    for stage in ("data", "tokenizer", "resize", "pretrain", "sft", "export"):
+        assert f"[{stage}] cached" in out
