@@ -117,6 +117,8 @@ def initialize(
         return False
     if explicit and not 0 <= process_id < num_processes:
         raise ValueError(f"multi-host: process id {process_id} is not in [0, {num_processes})")
+    if local_device_ids is None and not explicit:
+        local_device_ids = slurm_node_devices()
     # CPU processes exchange collectives over gloo (TCP); GPU and TPU clients ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -130,6 +132,22 @@ def initialize(
     )
     _explain_peer_failures()
     return True
+
+
+def slurm_node_devices(environ: dict[str, str] | None = None) -> list[int] | None:
+    """All GPUs of the node when SLURM runs one task per node, else None (JAX's default).
+
+    JAX's SLURM detection gives each task the one GPU numbered by its local task id, which suits one task per
+    GPU; with one task per node that would leave all but GPU 0 idle. `JAX_LOCAL_DEVICE_IDS` overrides both.
+    """
+    env = os.environ if environ is None else environ
+    if cluster_environment(env) != "slurm" or env.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_JOB_NUM_NODES", "0")) or 0)
+    gpus = env.get("SLURM_GPUS_ON_NODE", "")
+    if nodes and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))) == nodes and gpus.isdigit():
+        return list(range(int(gpus)))
+    return None
 
 
 def _explain_peer_failures() -> None:
