@@ -29,6 +29,7 @@ from zhjax.infer.sampling import (  # noqa: E402
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    argmax,
     candidate_logits,
     make_knobs,
 )
@@ -199,6 +200,8 @@ def test_processors_equal_transformers_logits_processors():
         np.testing.assert_array_equal(apply_top_k(jnp.asarray(logits), k), lp.TopKLogitsWarper(k)(None, scores.clone()))
     for p in (0.1, 0.5, 0.9, 0.99):
         np.testing.assert_array_equal(apply_top_p(jnp.asarray(logits), p), lp.TopPLogitsWarper(p)(None, scores.clone()))
+    ties = np.round(logits).astype(np.float32)  # many ties: the first maximal index wins, as in torch.argmax
+    np.testing.assert_array_equal(argmax(jnp.asarray(ties)), torch.tensor(ties).argmax(-1))
 
 
 @pytest.mark.parametrize("top_k,top_p", [(40, 0.9), (5, 0.3), (0, 0.9), (50, 1.0)])

@@ -2,7 +2,7 @@
 
 How a call runs:
 
-1. Prompts are tokenized and **left-padded** to a bucket of `PROMPT_BUCKET` tokens, so rows end together and
+1. Prompts are tokenized and **left-padded** to a power-of-two bucket (`prompt_bucket`), so rows end together and
    every new token of every row goes to the same cache slot. Each row's RoPE positions count from its first real
    token (as `transformers` does for left-padded batches in `generate`), and a per-row `kv_valid` mask over cache
    slots hides the padding.
@@ -140,6 +140,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def prompt_bucket(n: int) -> int:
+    """Padded prompt width: the next power of two from `PROMPT_BUCKET` up, so that a growing chat history
+    compiles a handful of shapes (at most twice the prompt work in exchange)."""
+    width = PROMPT_BUCKET
+    while width < n:
+        width *= 2
+    return width
+
+
 class _Run:
     """One batch being generated: the device state and the host's view of it."""
 
@@ -150,7 +159,7 @@ class _Run:
         lengths = [len(row) for row in prompt_ids]
         if not lengths or min(lengths) == 0:
             raise ValueError("every prompt needs at least one token (is the prompt empty?)")
-        width = _round_up(max(lengths), PROMPT_BUCKET)
+        width = prompt_bucket(max(lengths))
         ids = np.full((len(lengths), width), sampler.pad_id, np.int32)
         mask = np.zeros((len(lengths), width), np.int32)
         for i, row in enumerate(prompt_ids):
@@ -208,7 +217,7 @@ def _make_sampler(config: ModelConfig, *, greedy: bool, temperature: float, top_
         raise ValueError(f"need top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0; got {top_k}, {top_p}, "
                          f"{repetition_penalty}")
     pad = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
-    sampler = Sampler(greedy=bool(greedy), top_k=int(top_k), use_top_p=top_p < 1.0,
+    sampler = Sampler(greedy=bool(greedy), top_k=0 if greedy else int(top_k), use_top_p=not greedy and top_p < 1.0,
                       use_penalty=repetition_penalty != 1.0, eos_ids=eos_ids, pad_id=int(pad))
     return sampler, make_knobs(temperature, top_p, repetition_penalty)
 
@@ -299,9 +308,9 @@ def generate(
     ]
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
     eos = eos_token_ids(decoder.config, tokenizer) if eos_token_id is None else _as_ids(eos_token_id)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
     sampler, knobs = _make_sampler(decoder.config, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   repetition_penalty=repetition_penalty, eos_ids=eos, pad_id=pad)
+                                   repetition_penalty=repetition_penalty, eos_ids=eos,
+                                   pad_id=getattr(tokenizer, "pad_token_id", None))
     run = _Run(decoder, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, knobs=knobs, seed=seed)
     rows = [_RowText() for _ in prompt_ids]
     holdback = max((len(s) for s in stops), default=1) - 1
