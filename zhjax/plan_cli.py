@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--table", action="store_true",
                         help="print the docs/scale.md table: the seed's 7B/13B/33B PT and SFT jobs on v5e-8, v4-8, "
                         "v5p-8 at their largest batch, beside the seed's ZeRO-2 per-GPU memory")
+    parser.add_argument("--jobs", metavar="NAMES", help="--table: only the rows whose label contains one of these "
+                        "comma-separated words (e.g. 7B,SFT)")
     parser.add_argument("--json", metavar="FILE", help="also write the plan (bytes, counts, verdict) as JSON")
     parser.add_argument("--cache", metavar="FILE", help="--table: keep compiled plans in this JSON file and reuse them")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the YAML config")
@@ -74,7 +76,8 @@ def plan_main(argv: list[str]) -> int:
     if not args.cpu_devices:
         _compile_only_host()
     if args.table:
-        return print_table(args.topology.split(",") if args.topology else list(TABLE_TOPOLOGIES), args.cache)
+        topologies = args.topology.split(",") if args.topology else list(TABLE_TOPOLOGIES)
+        return print_table(topologies, args.cache, args.jobs.split(",") if args.jobs else None)
     return plan_one(args)
 
 
@@ -181,7 +184,7 @@ def plan_one(args) -> int:
     return 0 if result.fits else 1
 
 
-def print_table(topologies: list[str], cache_path: str | None = None) -> int:
+def print_table(topologies: list[str], cache_path: str | None = None, only: list[str] | None = None) -> int:
     """The markdown table of docs/scale.md: every `TABLE_JOBS` job on every topology at its largest batch.
 
     Rows are printed as they are done. With `cache_path` every compiled plan is also kept in a JSON file, so an
@@ -197,6 +200,8 @@ def print_table(topologies: list[str], cache_path: str | None = None) -> int:
     print("|" + "---|" * len(header), flush=True)
     guesses: dict[tuple[int, str], int] = {}
     for label, config, kind in TABLE_JOBS:
+        if only and not any(word in label for word in only):
+            continue
         cfg = _load(config, kind, [])
         model, _ = plan.job_model_config(cfg)
         cells, first = [], None
