@@ -20,7 +20,15 @@ demo: assets
 	$(PY) tools/parity_report.py --model assets/smollm2-135m
 	$(VENV)/bin/zhjax recipe --config configs/recipes/smollm2-zh-demo.yaml
 
-test: $(STAMP)
+# The tests also compile for TPU slices on this CPU host (zhjax plan), which needs libtpu: the `tpu` extra.
+TPU_STAMP := $(VENV)/.tpu-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+
+$(TPU_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[torch,dev,tpu]'
+	rm -f $(VENV)/.tpu-*
+	touch $(TPU_STAMP)
+
+test: $(TPU_STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -134,7 +134,7 @@ def test_bfloat16_forward_is_close_to_float32(tmp_path):
     assert np.abs(np.asarray(bf16) - f32).max() < 0.15 * np.abs(f32).max()
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_with_no_batch_dims", "save_only_these_names"])
 def test_remat_policies_do_not_change_logits_or_grads(tmp_path, remat):
     import jax
     from flax import nnx

@@ -54,13 +54,6 @@ TRAIN = textwrap.dedent(
 )
 
 
-# The trainer exports the random base and the PEFT adapter from process 0 by reading arrays that other processes
-# hold shards of; it must replicate them first (all processes taking part). Until zhjax/train/trainer.py has that
-# edit this test fails at the first export; once it has, it passes and this marker must go.
-needs_trainer_multihost_export = pytest.mark.xfail(
-    strict=True, reason="zhjax/train/trainer.py exports from process 0 without gathering other processes' shards")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,7 +97,6 @@ def job_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
             *extra]
 
 
-@needs_trainer_multihost_export
 def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path):
     # 2 processes x 2 devices, preempted after the step-2 checkpoint ...
     multi = tmp_path / "multi"

@@ -1,6 +1,6 @@
-"""The `zhjax` command: `zhjax pretrain | sft --config FILE [key.sub=value ...]`.
+"""The `zhjax` command: `zhjax pretrain | sft | recipe | plan | generate | chat ...`.
 
-Argument parsing only; the work is in `zhjax.train.trainer`.
+Argument parsing only; the work is in `zhjax.train.trainer`, `zhjax.recipe`, `zhjax.plan_cli` and `zhjax.infer`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ def _train(kind: str, argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML job config (see configs/)")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="start fresh instead of resuming")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the YAML config")
+    from zhjax.parallel.mesh import add_distributed_args, initialize_from_args
+
+    add_distributed_args(parser)
     args = parser.parse_args(argv)
+    try:
+        initialize_from_args(args)  # before anything touches a device; a no-op for one process
+    except ValueError as e:
+        print(f"zhjax {kind}: {e}", file=sys.stderr)
+        return 2
 
     from zhjax.config import load_job_config
 
@@ -54,10 +62,31 @@ def _recipe(argv: list[str]) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    from zhjax.plan_cli import plan_main
+
+    return plan_main(argv)
+
+
+def _generate(argv: list[str]) -> int:
+    from zhjax.infer.cli import generate_main
+
+    return generate_main(argv)
+
+
+def _chat(argv: list[str]) -> int:
+    from zhjax.infer.cli import chat_main
+
+    return chat_main(argv)
+
+
 COMMANDS = {
+    "plan": _plan,
     "pretrain": lambda argv: _train("pretrain", argv),
     "sft": lambda argv: _train("sft", argv),
     "recipe": _recipe,
+    "generate": _generate,
+    "chat": _chat,
 }
 
 

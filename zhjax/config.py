@@ -14,7 +14,9 @@ from zhjax.parallel.mesh import MeshConfig
 from zhjax.train.optim import OptimConfig
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_only_these_names")
+# Activations of a decoder layer tagged with `checkpoint_name` (zhjax.model.llama), for `save_only_these_names`.
+REMAT_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj", "mlp_gate", "mlp_up", "mlp_out")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -64,6 +66,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    remat_names: tuple[str, ...] = ("query_proj", "key_proj", "value_proj", "context")
     attention: str = "xla"
 
     def __post_init__(self) -> None:
@@ -78,6 +81,10 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not supported; expected one of {REMAT_POLICIES}")
+        object.__setattr__(self, "remat_names", tuple(self.remat_names))
+        unknown = [n for n in self.remat_names if n not in REMAT_NAMES]
+        if unknown:
+            raise ValueError(f"remat_names {unknown} are not tagged in the layer; expected a subset of {REMAT_NAMES}")
         if self.attention not in ("xla", "cudnn"):
             raise ValueError(f"attention {self.attention!r} is not supported; expected 'xla' or 'cudnn'")
 
@@ -150,6 +157,7 @@ class JobConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: str = "bfloat16"
     remat: str = "none"
+    remat_names: tuple[str, ...] = ("query_proj", "key_proj", "value_proj", "context")
     attention: str = "xla"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -6,7 +6,8 @@ attention with an explicit `head_dim`, SwiGLU MLP, tied or untied embeddings, op
 
 Layers are *stacked*: every layer weight has a leading `[num_hidden_layers]` axis and the forward pass runs one
 compiled layer body under `jax.lax.scan`, so compile time does not grow with depth. The body can be rematerialised
-(`remat`: none | full | dots). Attention goes through `jax.nn.dot_product_attention` (cuDNN flash attention on
+(`remat`: none | full | dots | dots_with_no_batch_dims | save_only_these_names; the last keeps the activations
+named in `config.remat_names`, which the layers tag with `checkpoint_name`). Attention goes through `jax.nn.dot_product_attention` (cuDNN flash attention on
 GPUs with `attention="cudnn"`), with a causal mask, an optional padding mask and optional segment ids for packed
 sequences. Norms, RoPE tables, softmax and logits are float32; matmuls run in `config.dtype`.
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from zhjax.config import LoraConfig, ModelConfig
 from zhjax.model.lora import Linear
@@ -135,9 +137,9 @@ class Attention(nnx.Module):
         `mask` then carries causality too. Returns `(output, kv)`."""
         b, t, _ = x.shape
         r = rngs or (None,) * 4
-        q = self.q_proj(x, r[0]).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, r[1]).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, r[2]).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = checkpoint_name(self.q_proj(x, r[0]), "query_proj").reshape(b, t, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x, r[1]), "key_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x, r[2]), "value_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             out, kv = self._cached_attention(q, k, v, mask, kv, cache_index)
@@ -146,7 +148,8 @@ class Attention(nnx.Module):
                 q, k, v, mask=mask, is_causal=True, scale=1.0 / math.sqrt(self.head_dim),
                 implementation=self.implementation,
             )
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), r[3]), kv
+        out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "context")
+        return checkpoint_name(self.o_proj(out, r[3]), "out_proj"), kv
 
     def _cached_attention(self, q, k, v, mask, kv, cache_index):
         """Write k/v `[batch, t, kv_heads, head_dim]` into the cache at `cache_index` and attend over all slots.
@@ -191,7 +194,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x, rngs: tuple | None):
         r = rngs or (None,) * 3
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, r[0])) * self.up_proj(x, r[1]), r[2])
+        gate = checkpoint_name(self.gate_proj(x, r[0]), "mlp_gate")
+        up = checkpoint_name(self.up_proj(x, r[1]), "mlp_up")
+        return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up, r[2]), "mlp_out")
 
 
 class DecoderLayer(nnx.Module):
@@ -212,10 +217,16 @@ class DecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h), rngs and rngs[4:]), kv
 
 
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-}
+def remat_policy(config: ModelConfig):
+    """The `jax.checkpoint` policy of `config.remat` (not called for "none")."""
+    policies = jax.checkpoint_policies
+    if config.remat == "save_only_these_names":
+        return policies.save_only_these_names(*config.remat_names)
+    return {
+        "full": policies.nothing_saveable,
+        "dots": policies.checkpoint_dots,
+        "dots_with_no_batch_dims": policies.dots_with_no_batch_dims_saveable,
+    }[config.remat]
 
 
 class Embed(nnx.Module):
@@ -324,7 +335,7 @@ class LlamaForCausalLM(nnx.Module):
             return layer(h, cos, sin, mask, rng)[0], None
 
         if self.config.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+            body = jax.checkpoint(body, policy=remat_policy(self.config), prevent_cse=False)
         idx = jnp.arange(self.config.num_hidden_layers)
         h, _ = jax.lax.scan(body, h, (layer_state, idx))
         return self.norm(h)

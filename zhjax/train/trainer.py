@@ -35,6 +35,7 @@ from zhjax.parallel.rules import batch_sharding, state_shardings
 from zhjax.train.checkpoint import RunCheckpointer
 from zhjax.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from zhjax.train.optim import build_optimizer, learning_rate_schedule
+from zhjax.train.plan import opt_state_shardings
 from zhjax.train.step import make_eval_step, make_train_step
 
 
@@ -51,7 +52,8 @@ def build_model(cfg: JobConfig, mesh: jax.sharding.Mesh) -> LlamaForCausalLM:
     from zhjax.train.checkpoint import load_base_checkpoint
 
     lora = None if cfg.full_finetuning else cfg.lora
-    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
+    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.dtype, remat=cfg.remat, remat_names=cfg.remat_names,
+                    attention=cfg.attention)
     if cfg.init_from and (Path(cfg.init_from) / "zhjax.json").exists():
         base = load_base_checkpoint(cfg.init_from)
         model_cfg = base.config.replace(**numerics)
@@ -120,7 +122,10 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     is_main = jax.process_index() == 0
     if cfg.overwrite_output_dir and out.exists() and is_main:
         shutil.rmtree(out)
+    _sync("zhjax-output-dir-cleared")
     out.mkdir(parents=True, exist_ok=True)
+    export_random_base = cfg.init_from is None and not (out / "base" / "config.json").exists()
+    _sync("zhjax-output-dir-checked")  # every process decided before process 0 writes base/
 
     mesh = make_mesh(cfg.mesh)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -130,11 +135,14 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     accum = cfg.optim.gradient_accumulation_steps
 
     model = build_model(cfg, mesh)
-    if cfg.init_from is None and is_main and not (out / "base" / "config.json").exists():
+    if export_random_base:
         # a randomly initialised base: export it, so the adapters saved below have a base to load onto
         from zhjax.convert.hf import save_hf
 
-        save_hf(model, out / "base", tokenizer_dir=cfg.tokenizer)
+        host_model = _fully_replicated(model)  # every process takes part; process 0 writes
+        if is_main:
+            save_hf(host_model, out / "base", tokenizer_dir=cfg.tokenizer)
+        del host_model
     data = build_data(cfg, kind, model.config, mesh, global_batch * accum)
     model_cfg = model.config
     graphdef, trainable, frozen = split_model(model, trainable_filter(model.lora, cfg.full_finetuning))
@@ -146,13 +154,9 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     steps_per_epoch = data.steps_per_epoch
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     tx = build_optimizer(cfg.optim, trainable, total_steps)
-    opt_state = jax.jit(tx.init)(trainable)
     # moments follow their parameters' shardings; scalars (step counts) are replicated over the mesh
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, opt_state
-    )
-    opt_state = jax.device_put(opt_state, opt_sh)
+    opt_sh = opt_state_shardings(jax.eval_shape(tx.init, trainable), trainable, train_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     schedule = learning_rate_schedule(cfg.optim, total_steps)
 
     ckpt = RunCheckpointer(out / "checkpoints", max_to_keep=cfg.save_total_limit, async_save=cfg.async_checkpointing)
@@ -252,13 +256,38 @@ def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: Pat
     """An orbax checkpoint (all processes) plus a PEFT adapter beside it (process 0)."""
     meta = {"step": step, "data": data.state_dict(), "seed": cfg.seed, "config": _jsonable(cfg)}
     ckpt.save(step, trainable, opt_state, meta)
-    model = nnx.merge(graphdef, trainable, frozen)
+    if cfg.full_finetuning:
+        return
+    # the adapter export reads every shard of the trainable state: replicate it (all processes take part)
+    model = nnx.merge(graphdef, _fully_replicated(trainable), frozen)
     if is_main and model.lora is not None:
         from zhjax.convert.peft import save_peft_adapter
 
         base = cfg.init_from or str((out / "base").absolute())
         save_peft_adapter(model, out / "adapter", base_model_name_or_path=base)
         _save_tokenizer(cfg, out / "adapter")
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _fully_replicated(tree):
+    """`tree` (arrays or an NNX module) with every array replicated on every device, so any process can read it.
+
+    Single-process runs read sharded arrays directly; this is for multi-process runs, where a process holds only
+    its own shards. Collective: every process must call it.
+    """
+    if jax.process_count() == 1:
+        return tree
+    graphdef, state = nnx.split(tree) if isinstance(tree, nnx.Module) else (None, tree)
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(state) if isinstance(x.sharding, jax.sharding.NamedSharding))
+    state = jax.jit(lambda s: s, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(state)
+    return state if graphdef is None else nnx.merge(graphdef, state)
 
 
 def _save_tokenizer(cfg: JobConfig, dest: Path) -> None:
