@@ -34,22 +34,35 @@ def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_pa
     overrides = [f"base_model={tmp_path / 'base'}", f"corpus_tagged={tagged}", f"work_dir={tmp_path / 'work'}",
                  "max_examples=120", "new_tokens=40", "eval.heldout_lines=10", "eval.test_examples=4",
                  "eval.max_new_tokens=8", *[f"pretrain.{o}" for o in job], *[f"sft.{o}" for o in job],
-                 "sft.data.max_seq_length=512"]
+                 "sft.data.max_seq_length=512", "compare=[no_extension,normal_init]"]
     cfg = load_recipe_config(None, overrides)
     results = run_recipe(cfg)
 
     work = tmp_path / "work"
     assert json.loads((work / "results.json").read_text(encoding="utf-8"))["tokens_per_char"] == results["tokens_per_char"]
     assert results["tokens_per_char"]["extended"] < results["tokens_per_char"]["base"]
-    assert set(results["bits_per_char"]) == {"base model", "after pre-training", "after SFT"}
+    assert set(results["bits_per_char"]) == {"base model", "after pre-training", "after SFT",
+                                             "after pre-training, without extension",
+                                             "after pre-training, with extension, normal init"}
     assert all(v > 0 for v in results["bits_per_char"].values())
+    # the run without extension sees the same characters: more steps, as many as the tokenizers' ratio says
+    speed = results["training_speed"]
+    ratio = results["tokens_per_char"]["base"] / results["tokens_per_char"]["extended"]
+    assert speed["with extension"]["steps"] == 3
+    assert speed["without extension"]["steps"] > 3 and abs(speed["without extension"]["steps"] / 3 - ratio) < 0.5
+    assert speed["with extension, normal init"]["steps"] == 3
+    assert all(v["tokens_per_second"] > 0 for v in speed.values())
+    base_rows = transformers.AutoModelForCausalLM.from_pretrained(work / "merged-pretrain-no-extension").config.vocab_size
+    assert base_rows == config.vocab_size
     assert len(results["samples"]) == 3
     merged = transformers.AutoModelForCausalLM.from_pretrained(work / "merged-final")
     assert merged.config.vocab_size == len(transformers.AutoTokenizer.from_pretrained(work / "tokenizer"))
-    assert json.loads((work / "stages.json").read_text()).keys() == {"data", "tokenizer", "resize", "pretrain", "sft", "export"}
+    assert json.loads((work / "stages.json").read_text()).keys() == {
+        "data", "tokenizer", "resize", "pretrain", "sft", "export", "pretrain-no_extension", "export-no_extension",
+        "resize-normal", "pretrain-normal_init", "export-normal_init"}
 
     capsys.readouterr()
     run_recipe(cfg)  # everything cached: only the evaluation runs again
     out = capsys.readouterr().out
-    for stage in ("data", "tokenizer", "resize", "pretrain", "sft", "export"):
+    for stage in ("data", "tokenizer", "resize", "pretrain", "sft", "export", "pretrain-no_extension", "resize-normal"):
         assert f"[{stage}] cached" in out

@@ -15,6 +15,12 @@ Stages (the same library calls the tools make; outputs under `work_dir`):
 7. `evaluate`  with `transformers`: tokens per character, held-out bits per character, task scores before and
                after SFT, sample answers; printed as a table and written to `work_dir/results.json`
 
+`compare` adds the seed's central comparison as extra pre-training runs, each exported and scored by held-out
+bits per character beside the main run: `no_extension` (LoRA + embed/head on the base model with its own
+tokenizer, over the same number of training characters: more steps, since that tokenizer spends more tokens per
+character) and `normal_init` (the same extension with the new rows drawn from a normal distribution instead of
+`subword`). Their training tokens/s and characters/s are reported too.
+
 A stage whose output exists with the same settings is skipped, so a re-run resumes where the last one stopped
 (the training stages also resume from their own checkpoints).
 """
@@ -51,10 +57,14 @@ class RecipeConfig:
     max_examples: int = 3000
     new_tokens: int = 6000
     resize_init: str = "subword"
+    compare: tuple[str, ...] = ()  # extra pre-training runs: "no_extension", "normal_init"
     seed: int = 0
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+COMPARISONS = ("no_extension", "normal_init")
 
 
 def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
@@ -63,10 +73,14 @@ def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
 
     args = [a if a.startswith("--") else f"--{a}" for a in overrides]
     try:
-        return draccus.parse(RecipeConfig, config_path=path, args=args, exit_on_error=False)
+        cfg = draccus.parse(RecipeConfig, config_path=path, args=args, exit_on_error=False)
     except (draccus.utils.DraccusException, draccus.utils.ParsingError, ValueError, TypeError) as e:
         cause = f" ({e.__cause__})" if e.__cause__ else ""
         raise ValueError(f"invalid recipe config {path or ''}: {e}{cause}") from e
+    unknown = [c for c in cfg.compare if c not in COMPARISONS]
+    if unknown:
+        raise ValueError(f"invalid recipe config {path or ''}: compare {unknown} unknown; expected some of {COMPARISONS}")
+    return cfg
 
 
 class Stages:
@@ -145,14 +159,78 @@ def run_recipe(cfg: RecipeConfig) -> dict:
 
     stages.run("export", {"pt": stages.done.get("pretrain"), "sft": stages.done.get("sft")}, export)
 
-    results = evaluate(cfg, data, work)
+    runs = {"with extension": (pt_out, work / "tokenizer")}
+    extra = {"after pre-training": pt_merged}  # models scored by bits per character beside the main ones
+    for variant in cfg.compare:
+        out, model_dir, tokenizer = _compare_run(cfg, variant, pt, stages, work, data)
+        runs[_VARIANT_NAMES[variant]] = (out, tokenizer)
+        extra[f"after pre-training, {_VARIANT_NAMES[variant]}"] = model_dir
+
+    results = evaluate(cfg, data, work, extra_models={k: v for k, v in extra.items() if k != "after pre-training"})
+    results["training_speed"] = {name: _training_speed(out, tokenizer, data) for name, (out, tokenizer) in runs.items()}
     results["wall_seconds"] = time.perf_counter() - t0
     (work / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     print(format_results(results))
     return results
 
 
-def evaluate(cfg: RecipeConfig, data: Path, work: Path) -> dict:
+_VARIANT_NAMES = {"no_extension": "without extension", "normal_init": "with extension, normal init"}
+
+
+def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path, data: Path) -> tuple[Path, Path, Path]:
+    """One comparison pre-training run, trained and merged: `(output_dir, merged_dir, tokenizer_dir)`."""
+    from zhjax.convert.merge import merge_adapters
+    from zhjax.train.trainer import train
+
+    out, merged = work / f"pretrain-{variant.replace('_', '-')}", work / f"merged-pretrain-{variant.replace('_', '-')}"
+    if variant == "normal_init":
+        base, tokenizer = work / "base-zh-normal", work / "tokenizer"
+
+        def resize():
+            from zhjax.tokenizer.resize_model import resize_hf_checkpoint
+
+            print(resize_hf_checkpoint(cfg.base_model, tokenizer, base, init="normal", seed=cfg.seed))
+
+        stages.run("resize-normal", {"tok": stages.done.get("tokenizer"), "seed": cfg.seed}, resize)
+        job = dataclasses.replace(pt, init_from=str(base), output_dir=str(out))
+    else:
+        base = tokenizer = Path(cfg.base_model)
+        job = dataclasses.replace(pt, init_from=str(base), tokenizer=str(base), output_dir=str(out))
+        if pt.max_steps > 0:  # the same training characters as the main run: the base tokenizer needs more tokens
+            ratio = _tokens_per_char(base, data) / _tokens_per_char(work / "tokenizer", data)
+            job = dataclasses.replace(job, max_steps=max(1, round(pt.max_steps * ratio)))
+            print(f"[pretrain-{variant}] {job.max_steps} steps for the main run's {pt.max_steps}: the base tokenizer "
+                  f"spends {ratio:.2f}x the tokens per character")
+    upstream = stages.done.get("resize-normal") if variant == "normal_init" else stages.done.get("data")
+    stages.run(f"pretrain-{variant}", {"job": _jsonable(job), "upstream": upstream},
+               lambda: train(job, "pretrain"))
+    stages.run(f"export-{variant}", {"pt": stages.done.get(f"pretrain-{variant}")},
+               lambda: merge_adapters(base, [out / "adapter"], merged, dtype="float32"))
+    return out, merged, tokenizer
+
+
+def _tokens_per_char(tokenizer_dir: Path, data: Path, lines: int = 2000) -> float:
+    """Tokens per character of the first `lines` lines of the training text."""
+    from transformers import AutoTokenizer
+
+    text = [x for x in (data / "text" / "train.txt").read_text(encoding="utf-8").splitlines() if x][:lines]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in text) / sum(len(x) for x in text)
+
+
+def _training_speed(out: Path, tokenizer: Path, data: Path) -> dict:
+    """Median training tokens/s of a run (its first logged window, which includes compilation, left out) and the
+    characters/s it means for that run's tokenizer."""
+    import statistics
+
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
+    tps = statistics.median(rates[1:] or rates) if rates else float("nan")
+    return {"tokens_per_second": tps, "characters_per_second": tps / _tokens_per_char(tokenizer, data),
+            "steps": max((r["step"] for r in records if "loss" in r), default=0)}
+
+
+def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | None = None) -> dict:
     """The results table's numbers, computed with `transformers` on the exported models."""
     from transformers import AutoTokenizer
 
@@ -170,12 +248,14 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path) -> dict:
 
     examples = json.loads((data / "test.json").read_text(encoding="utf-8"))[: e.test_examples]
     prompts = [render_prompt("alpaca", join_instruction(x["instruction"], x["input"])) for x in examples]
-    models = {"base model": cfg.base_model, "after pre-training": work / "merged-pretrain", "after SFT": work / "merged-final"}
+    # the pre-training comparisons (`extra_models`) get bits per character only
+    models = {"base model": cfg.base_model, "after pre-training": work / "merged-pretrain", **(extra_models or {}),
+              "after SFT": work / "merged-final"}
     bpc, tasks, answers = {}, {}, {}
     for name, path in models.items():
         model, tok = load_hf(str(path))
         bpc[name] = bits_per_character(model, tok, lines).bits_per_char
-        if name == "base model" and not e.evaluate_base_tasks:
+        if name in (extra_models or {}) or (name == "base model" and not e.evaluate_base_tasks):
             continue
         preds = generate_answers(model, tok, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
         answers[name] = preds
@@ -203,6 +283,9 @@ def format_results(r: dict) -> str:
             out.append(f"| names exact match / F1, {name} | {n.get('exact_match', 0):.3f} / {n.get('f1', 0):.3f} |")
         if g:
             out.append(f"| segmentation word F1, {name} | {g.get('f1', g.get('word_f1', 0)):.3f} |")
+    for name, v in r.get("training_speed", {}).items():
+        out.append(f"| pre-training speed, {name} | {v['tokens_per_second']:.0f} tokens/s = "
+                   f"{v['characters_per_second']:.0f} characters/s ({v['steps']} steps) |")
     out.append(f"\nheld-out text: {r['heldout_characters']} characters; test examples: {r['test_examples']}")
     for s in r["samples"]:
         out += ["", f"Q: {s['instruction']}\n   {s['input']}", f"gold:   {s['gold']}", f"answer: {s['answer']}"]
