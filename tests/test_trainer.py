@@ -174,6 +174,28 @@ def test_fsdp_data_and_tensor_meshes_give_single_device_losses_with_real_shardin
         assert a_shard == [a_full[0], a_full[1] // fsdp, a_full[2]], name
 
 
+def test_resume_on_a_different_mesh_continues_the_same_run(tmp_path):
+    # 10 steps on fsdp=8 with checkpoints at 5 and 10; drop the step-10 checkpoint, then resume from step 5 on
+    # data=2 x fsdp=4: orbax reshards the saved state onto the new mesh and steps 6-10 repeat the losses
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", "max_steps=10", "save_steps=5", "save_total_limit=3", "logging_steps=1",
+              "eval_steps=0", "lora.lora_dropout=0.0", "per_device_train_batch_size=1",
+              f"data.data_cache_dir={tmp_path / 'cache'}"]
+    run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", *common, "mesh.fsdp=8"], env=env)
+    first = train_losses(out)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "10")
+    (out / "metrics.jsonl").unlink()
+    proc = run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", *common, "mesh.data=2", "mesh.fsdp=4"],
+               env=env)
+    assert "resumed from" in proc.stdout + proc.stderr
+    second = train_losses(out)
+    assert sorted(second) == [6, 7, 8, 9, 10]
+    np.testing.assert_allclose([second[s] for s in range(6, 11)], [first[s] for s in range(6, 11)], atol=1e-5, rtol=0)
+
+
 def test_nan_loss_stops_the_run_naming_the_step_and_last_checkpoint(tmp_path):
     out = tmp_path / "nan"
     proc = run([*ZHJAX, "pretrain", "--config", "configs/pretrain/tiny.yaml", f"output_dir={out}", "max_steps=30",
