@@ -121,7 +121,7 @@ def main() -> None:
         proc.start()
         workers[name] = (proc, parent)
     fpt = None
-    for name, (_, conn) in workers.items():
+    for _, conn in workers.values():
         tag, value = conn.recv()
         fpt = value if value is not None else fpt
 

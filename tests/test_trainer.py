@@ -174,6 +174,15 @@ def test_fsdp_data_and_tensor_meshes_give_single_device_losses_with_real_shardin
         assert a_shard == [a_full[0], a_full[1] // fsdp, a_full[2]], name
 
 
+def test_splash_attention_under_a_sharded_mesh_gives_the_xla_losses(tmp_path):
+    # the Pallas kernel (interpret mode on CPU) runs per device inside shard_map: batch over fsdp, heads over tensor
+    xla = mesh_run(tmp_path, "xla", 1, ["per_device_train_batch_size=8", "mesh.fsdp=1", "max_steps=4"])
+    splash = mesh_run(tmp_path, "splash", 8, ["per_device_train_batch_size=1", "mesh.fsdp=4", "mesh.tensor=2",
+                                               "max_steps=4", "attention=splash"])
+    np.testing.assert_allclose(splash["losses"], xla["losses"], atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "splash" / "job_config.json").read_text())["attention"] == "splash"
+
+
 def test_resume_on_a_different_mesh_continues_the_same_run(tmp_path):
     # 10 steps on fsdp=8 with checkpoints at 5 and 10; drop the step-10 checkpoint, then resume from step 5 on
     # data=2 x fsdp=4: orbax reshards the saved state onto the new mesh and steps 6-10 repeat the losses

@@ -17,6 +17,8 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_only_these_names")
 # Activations of a decoder layer tagged with `checkpoint_name` (zhjax.model.llama), for `save_only_these_names`.
 REMAT_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj", "mlp_gate", "mlp_up", "mlp_out")
+# xla: jax.nn.dot_product_attention; cudnn: the same with cuDNN flash attention (GPU); splash: the Pallas TPU kernel
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -85,8 +87,8 @@ class ModelConfig:
         unknown = [n for n in self.remat_names if n not in REMAT_NAMES]
         if unknown:
             raise ValueError(f"remat_names {unknown} are not tagged in the layer; expected a subset of {REMAT_NAMES}")
-        if self.attention not in ("xla", "cudnn"):
-            raise ValueError(f"attention {self.attention!r} is not supported; expected 'xla' or 'cudnn'")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention {self.attention!r} is not supported; expected one of {ATTENTION_BACKENDS}")
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (`dtype`, `remat`, `vocab_size`, ...)."""

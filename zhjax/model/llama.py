@@ -9,7 +9,7 @@ compiled layer body under `jax.lax.scan`, so compile time does not grow with dep
 (`remat`: none | full | dots | dots_with_no_batch_dims | save_only_these_names; the last keeps the activations
 named in `config.remat_names`, which the layers tag with `checkpoint_name`). Attention goes through `jax.nn.dot_product_attention` (cuDNN flash attention on
 GPUs with `attention="cudnn"`), with a causal mask, an optional padding mask and optional segment ids for packed
-sequences. Norms, RoPE tables, softmax and logits are float32; matmuls run in `config.dtype`.
+sequences; `attention="splash"` runs the Pallas splash kernel on TPU instead (`zhjax.model.splash`). Norms, RoPE tables, softmax and logits are float32; matmuls run in `config.dtype`.
 
 Generation uses `LlamaForCausalLM.decode`, the same layer body over a preallocated KV cache (`KVCache`,
 `init_kv_cache`): a prompt is written into the cache in one call and each new token in another, at a traced slot
@@ -32,6 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from zhjax.config import LoraConfig, ModelConfig
 from zhjax.model.lora import Linear
+from zhjax.model.splash import splash_attention, splash_segment_ids
 
 LAYER_AXIS = "layers"
 
@@ -130,6 +131,7 @@ class Attention(nnx.Module):
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.head_dim
         self.implementation = None if c.attention == "xla" else c.attention
+        self.scale = 1.0 / math.sqrt(c.head_dim)
 
     def __call__(self, x, cos, sin, mask, rngs: tuple | None, kv: tuple | None = None, cache_index=None):
         """Attention over `x` alone (causal), or, with `kv` (this layer's cache of keys and values, each
@@ -143,10 +145,11 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             out, kv = self._cached_attention(q, k, v, mask, kv, cache_index)
+        elif self.implementation == "splash":  # `mask` is the kernel's segment ids (see `hidden_states`)
+            out = splash_attention(q, k, v, mask, scale=self.scale)
         else:
             out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=True, scale=1.0 / math.sqrt(self.head_dim),
-                implementation=self.implementation,
+                q, k, v, mask=mask, is_causal=True, scale=self.scale, implementation=self.implementation
             )
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "context")
         return checkpoint_name(self.o_proj(out, r[3]), "out_proj"), kv
@@ -322,7 +325,10 @@ class LlamaForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_tables(self.config, positions)
-        mask = build_attention_mask(attention_mask, segment_ids)
+        if self.config.attention == "splash":
+            mask = splash_segment_ids(attention_mask, segment_ids, (b, t))
+        else:
+            mask = build_attention_mask(attention_mask, segment_ids)
         h = self.embed_tokens(input_ids).astype(jnp.dtype(self.config.dtype))
 
         graphdef, layer_state = nnx.split(self.layers)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from zhjax.config import JobConfig, ModelConfig
@@ -105,8 +104,8 @@ def build_data(cfg: JobConfig, kind: str, model_config: ModelConfig, mesh, rows_
         use_segments = not d.attend_across_documents
         print(prepared.summary)
     else:
-        from zhjax.data.sft import build_sft_dataset
         from zhjax.data.pretrain import split_validation
+        from zhjax.data.sft import build_sft_dataset
 
         rows, summary = build_sft_dataset(
             d.train_files, tokenizer, d.template, d.max_seq_length, d.max_prompt_length, pack=d.pack,

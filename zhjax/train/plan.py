@@ -218,7 +218,8 @@ def plan_job(cfg: JobConfig, kind: str, devices: Sequence, capacity_bytes: float
     )
     start = time.perf_counter()
     try:
-        compiled = step_fn.lower(trainable, opt_state, frozen, batch, rng, step).compile()
+        with jax.set_mesh(mesh):
+            compiled = step_fn.lower(trainable, opt_state, frozen, batch, rng, step).compile()
     except Exception as e:  # XLA's out-of-memory error is a JaxRuntimeError/XlaRuntimeError by message only
         needed = _oom_bytes(str(e))
         if needed is None:

@@ -107,6 +107,16 @@ def _place(model, mesh):
     return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
 
 
+def _in_mesh(mesh, fn):
+    """`fn` traced and run with `mesh` as the context mesh (per-device kernels such as splash shard_map over it)."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    return call
+
+
 def _value(v):
     return v.get_value() if hasattr(v, "get_value") else v.value
 
@@ -178,6 +188,7 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
         donate_argnums=(0, 1),
     )
     eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(train_sh, frozen_sh, batch_sharding(mesh)))
+    step_fn, eval_fn = _in_mesh(mesh, step_fn), _in_mesh(mesh, eval_fn)
 
     n_train, n_frozen = count_params(trainable), count_params(frozen)
     seq_len = data.seq_len
