@@ -33,7 +33,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from zhjax.data.pretrain import DataError, discover_files, encode_texts, forking_workers, open_binary
+from zhjax.data.files import DataError, discover_files, encode_texts, forking_workers, open_binary
 from zhjax.data.templates import CHAT, TEMPLATE_NAMES, join_instruction, render_prompt
 
 logger = logging.getLogger(__name__)
