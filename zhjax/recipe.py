@@ -282,7 +282,7 @@ def format_results(r: dict) -> str:
         if n:
             out.append(f"| names exact match / F1, {name} | {n.get('exact_match', 0):.3f} / {n.get('f1', 0):.3f} |")
         if g:
-            out.append(f"| segmentation word F1, {name} | {g.get('f1', g.get('word_f1', 0)):.3f} |")
+            out.append(f"| segmentation boundary F1 / word F1, {name} | {g.get('f1', 0):.3f} / {g.get('word_f1', 0):.3f} |")
     for name, v in r.get("training_speed", {}).items():
         out.append(f"| pre-training speed, {name} | {v['tokens_per_second']:.0f} tokens/s = "
                    f"{v['characters_per_second']:.0f} characters/s ({v['steps']} steps) |")

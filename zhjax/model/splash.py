@@ -8,7 +8,8 @@ attend among themselves, which keeps every softmax row non-empty; their outputs 
 
 The kernel runs per device, so under a mesh (the trainer and `zhjax plan` set one with `jax.set_mesh`) it is
 wrapped in `shard_map`: batch over `data` x `fsdp`, heads over `tensor`. Sequences are padded to a multiple of
-128 (the kernel's lane width). Off TPU it runs in Pallas interpret mode: slow, for tests on CPU.
+128 (the kernel's lane width). It compiles for the mesh's devices (TPU, also from a CPU host in `zhjax plan`);
+on CPU devices it runs in Pallas interpret mode (slow: for tests); GPUs are refused (use `cudnn`).
 """
 
 from __future__ import annotations
@@ -67,11 +68,16 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, *
         seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
     q = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    interpret = jax.default_backend() != "tpu"
-    run = functools.partial(_local, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()  # set by `jax.set_mesh`; empty outside one
+    mesh = None if mesh.empty else mesh
+    # the devices compiled for, not the host's backend: `zhjax plan` compiles for TPU slices on a CPU host
+    device = getattr(mesh, "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        raise ValueError("attention 'splash' is the TPU Pallas kernel; on GPUs use attention 'cudnn'")
+    run = functools.partial(_local, interpret=platform != "tpu")
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and math.prod(mesh.axis_sizes) > 1:
+    if mesh is not None and math.prod(mesh.axis_sizes) > 1:
         names = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
         batch_axes = tuple(a for a in ("data", "fsdp") if names.get(a, 1) > 1)
         batch = batch_axes if batch_axes and b % math.prod(names[a] for a in batch_axes) == 0 else None
