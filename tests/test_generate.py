@@ -33,6 +33,7 @@ from zhjax.infer.sampling import (  # noqa: E402
     candidate_logits,
     make_knobs,
 )
+from zhjax.model.decode import decode, decode_logits, decode_weights, init_kv_cache  # noqa: E402
 from zhjax.model.llama import LlamaForCausalLM  # noqa: E402
 
 MIXED_PROMPTS = [
@@ -240,6 +241,38 @@ def test_scanned_and_unstacked_layers_generate_the_same_tokens():
     prompts = [[5, 6, 7], list(range(10, 50))]
     kw = dict(max_new_tokens=20, greedy=True, eos_token_id=())
     assert generate_ids(Decoder(model, unstack=False), prompts, **kw) == generate_ids(Decoder(model, unstack=True), prompts, **kw)
+
+
+@pytest.mark.parametrize("unstack", [False, True], ids=["stacked", "unstacked"])
+def test_decode_layout_and_cache_give_the_forward_pass_logits(unstack):
+    """The decoding layout (LoRA folded in, q|k|v and gate|up fused, biases, untied head, GQA) fed a left-padded
+    prompt and then one token at a time gives the logits of the model's own forward pass over the whole sequence."""
+    config = tiny_config(vocab_size=300, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+    lora = LoraConfig(r=4, lora_alpha=8, modules_to_save=())
+    model = LlamaForCausalLM(config, lora, rngs=nnx.Rngs(0))
+    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model))):
+        if isinstance(var, nnx.LoRAParam) or path[-1] == "bias":  # adapters and biases start at zero: make them count
+            var[...] = 0.1 * jax.random.normal(jax.random.key(i), var.shape)
+    prompt, new = 8, 4
+    ids = jax.random.randint(jax.random.key(7), (2, prompt + new), 3, 300)
+    mask = jnp.ones((2, prompt + new), jnp.int32).at[0, :3].set(0)  # row 0 left-padded by 3
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    expected = model(ids, attention_mask=mask, positions=positions)
+
+    weights = decode_weights(model, unstack=unstack)
+    cache = init_kv_cache(config, 2, 16, stacked=not unstack)
+    kv_valid = jnp.zeros((2, 16), bool).at[:, :prompt].set(mask[:, :prompt].astype(bool))
+    h, cache = decode(config, weights, ids[:, :prompt], cache, positions=positions[:, :prompt], cache_index=0,
+                      kv_valid=kv_valid)
+    got = [decode_logits(config, weights, h)]
+    for s in range(prompt, prompt + new):
+        kv_valid = kv_valid.at[:, s].set(True)
+        h, cache = decode(config, weights, ids[:, s:s + 1], cache, positions=positions[:, s:s + 1], cache_index=s,
+                          kv_valid=kv_valid)
+        got.append(decode_logits(config, weights, h))
+    got = np.asarray(jnp.concatenate(got, axis=1))
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(got[real], np.asarray(expected)[real], rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_applied_by_the_cli_equals_the_unmerged_lora_model(tmp_path):

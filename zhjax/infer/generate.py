@@ -6,7 +6,7 @@ How a call runs:
    every new token of every row goes to the same cache slot. Each row's RoPE positions count from its first real
    token (as `transformers` does for left-padded batches in `generate`), and a per-row `kv_valid` mask over cache
    slots hides the padding.
-2. `_prefill` (jitted) runs the whole prompt through `LlamaForCausalLM.decode` into a cache preallocated to
+2. `_prefill` (jitted) runs the whole prompt through `zhjax.model.decode.decode` into a cache preallocated to
    `prompt bucket + max_new_tokens` slots (rounded to `CACHE_BUCKET`), and chooses the first token.
 3. `_decode` (jitted, the state donated so the cache is updated in place) is a `lax.while_loop` over one-token
    steps: write the token's keys/values at the current slot, attend over the cache, choose the next token
@@ -17,9 +17,9 @@ How a call runs:
 4. The host decodes text, cuts it at stop strings (a row that hits one is marked done on the device), and
    streams what is final. Text that could still grow into a stop string is held back.
 
-`Decoder` prepares a model once (its state flattened; on CPU the stacked layers as per-layer views, see
-`zhjax.model.llama.unstack_layers`); `generate` and `generate_ids` accept either a model or a `Decoder`. The
-compiled functions are keyed on the model's structure and the shapes (batch, prompt bucket, cache length), so a
+`Decoder` prepares a model once: its weights in the decoding layout (LoRA folded in, q|k|v and gate|up fused, on
+CPU per-layer views; see `zhjax.model.decode`); `generate` and `generate_ids` accept either a model or a `Decoder`. The
+compiled functions are keyed on the model config and the shapes (batch, prompt bucket, cache length), so a
 chat that stays within a bucket never recompiles. NTK-aware RoPE scaling for long inputs (`apply_ntk`) rewrites
 `rope_theta` in the model's config with the seed's formula.
 """
@@ -38,7 +38,7 @@ from flax import nnx
 
 from zhjax.config import ModelConfig
 from zhjax.infer.sampling import Knobs, Sampler, choose_tokens, make_knobs
-from zhjax.model.llama import KVCache, init_kv_cache, unstack_layers
+from zhjax.model.decode import DecodeLayer, KVCache, decode, decode_logits, decode_weights, init_kv_cache
 
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 128
@@ -61,26 +61,19 @@ class DecodeState(NamedTuple):
 
 
 class Decoder:
-    """A model prepared for decoding: its state flattened once, and (default on CPU) unstacked layers.
+    """A model prepared for decoding: its weights in the decoding layout (`zhjax.model.decode.decode_weights`),
+    unstacked per layer by default on CPU.
 
     Build it once and pass it to `generate` many times (chat does); a plain model passed to `generate` is
-    wrapped on each call, which costs little.
+    prepared on each call. The decoder does not follow later changes to the model's weights.
     """
 
     def __init__(self, model: nnx.Module, *, unstack: bool | None = None):
         if unstack is None:
             unstack = jax.default_backend() == "cpu"
         self.config: ModelConfig = model.config
-        graphdef, state = nnx.split(model)
-        layers = unstack_layers(model) if unstack else None
-        self.leaves, treedef = jax.tree.flatten((state, layers))
-        self.static = (graphdef, treedef)
-
-
-def _unpack(static, leaves):
-    graphdef, treedef = static
-    state, layers = jax.tree.unflatten(treedef, leaves)
-    return nnx.merge(graphdef, state), layers
+        self.weights = decode_weights(model, unstack=unstack)
+        self.unstacked = unstack
 
 
 def _is_eos(tokens: jax.Array, sampler: Sampler) -> jax.Array:
@@ -89,17 +82,16 @@ def _is_eos(tokens: jax.Array, sampler: Sampler) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(sampler.eos_ids, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("static", "sampler", "max_len", "max_new_tokens"))
-def _prefill(leaves, input_ids, attention_mask, key, knobs: Knobs, *, static, sampler: Sampler, max_len: int,
-             max_new_tokens: int) -> DecodeState:
-    model, layers = _unpack(static, leaves)
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "max_len", "max_new_tokens"))
+def _prefill(weights, input_ids, attention_mask, key, knobs: Knobs, *, config: ModelConfig, sampler: Sampler,
+             max_len: int, max_new_tokens: int) -> DecodeState:
     b, p = input_ids.shape
     mask = attention_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    cache = init_kv_cache(model.config, b, max_len, stacked=layers is None)
+    cache = init_kv_cache(config, b, max_len, stacked=isinstance(weights.layers, DecodeLayer))
     kv_valid = jnp.zeros((b, max_len), bool).at[:, :p].set(mask)
-    hidden, cache = model.decode(input_ids, cache, positions=positions, cache_index=0, kv_valid=kv_valid, layers=layers)
-    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
+    hidden, cache = decode(config, weights, input_ids, cache, positions=positions, cache_index=0, kv_valid=kv_valid)
+    logits = decode_logits(config, weights, hidden[:, -1:])[:, 0]
     rows = jnp.arange(b)
     seen = jnp.zeros(logits.shape, jnp.int32).at[rows[:, None], input_ids].add(mask.astype(jnp.int32)) > 0
     tok = choose_tokens(logits, seen, jax.random.fold_in(key, 0), sampler, knobs)
@@ -110,9 +102,8 @@ def _prefill(leaves, input_ids, attention_mask, key, knobs: Knobs, *, static, sa
     )
 
 
-@functools.partial(jax.jit, static_argnames=("static", "sampler"), donate_argnames=("state",))
-def _decode(leaves, state: DecodeState, limit, knobs: Knobs, *, static, sampler: Sampler) -> DecodeState:
-    model, layers = _unpack(static, leaves)
+@functools.partial(jax.jit, static_argnames=("config", "sampler"), donate_argnames=("state",))
+def _decode(weights, state: DecodeState, limit, knobs: Knobs, *, config: ModelConfig, sampler: Sampler) -> DecodeState:
     rows = jnp.arange(state.tokens.shape[0])
     slots = jnp.arange(state.kv_valid.shape[1])
     limit = jnp.minimum(limit, state.tokens.shape[1])
@@ -122,10 +113,11 @@ def _decode(leaves, state: DecodeState, limit, knobs: Knobs, *, static, sampler:
 
     def body(s: DecodeState) -> DecodeState:
         kv_valid = s.kv_valid | (slots == s.slot)[None, :]
-        hidden, cache = model.decode(
-            s.last[:, None], s.cache, positions=s.position[:, None], cache_index=s.slot, kv_valid=kv_valid, layers=layers
+        hidden, cache = decode(
+            config, weights, s.last[:, None], s.cache, positions=s.position[:, None], cache_index=s.slot,
+            kv_valid=kv_valid,
         )
-        logits = model.logits_from_hidden(hidden)[:, 0]
+        logits = decode_logits(config, weights, hidden)[:, 0]
         tok = choose_tokens(logits, s.seen, jax.random.fold_in(s.key, s.step), sampler, knobs)
         tok = jnp.where(s.done, sampler.pad_id, tok)
         return DecodeState(
@@ -168,14 +160,14 @@ class _Run:
         self.decoder, self.sampler, self.knobs = decoder, sampler, knobs
         self.max_new_tokens = max_new_tokens
         self.state = _prefill(
-            decoder.leaves, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed), knobs, static=decoder.static,
+            decoder.weights, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed), knobs, config=decoder.config,
             sampler=sampler, max_len=_round_up(width + max_new_tokens, CACHE_BUCKET), max_new_tokens=max_new_tokens,
         )
         self.step = 1
 
     def advance(self, n: int) -> None:
         """Generate up to `n` more tokens per row (fewer if every row stops)."""
-        self.state = _decode(self.decoder.leaves, self.state, self.step + n, self.knobs, static=self.decoder.static,
+        self.state = _decode(self.decoder.weights, self.state, self.step + n, self.knobs, config=self.decoder.config,
                              sampler=self.sampler)
         self.step = int(self.state.step)
 

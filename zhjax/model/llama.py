@@ -11,22 +11,16 @@ named in `config.remat_names`, which the layers tag with `checkpoint_name`). Att
 GPUs with `attention="cudnn"`), with a causal mask, an optional padding mask and optional segment ids for packed
 sequences; `attention="splash"` runs the Pallas splash kernel on TPU instead (`zhjax.model.splash`). Norms, RoPE tables, softmax and logits are float32; matmuls run in `config.dtype`.
 
-Generation uses `LlamaForCausalLM.decode`, the same layer body over a preallocated KV cache (`KVCache`,
-`init_kv_cache`): a prompt is written into the cache in one call and each new token in another, at a traced slot
-index, with a per-row mask of valid slots (left padding) and per-row RoPE positions. The layers are scanned with
-the cache as scan xs/ys, or, on CPU, run one by one over per-layer weight views (`unstack_layers`), because
-XLA:CPU copies each layer's slice out of the stacked weights inside a scan. The loop around it is
-`zhjax.infer.generate`.
+Generation reads the weights in another layout (LoRA folded in, fused q|k|v and gate|up) through
+`zhjax.model.decode`, which shares this module's norm and RoPE functions.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -46,9 +40,14 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((*stack, dim), param_dtype), logical_axes=(*stack_axes, "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm of `x` over its last axis in float32, cast back to `x.dtype`, then scaled (HF's order)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig, positions: jax.Array) -> jax.Array:
@@ -133,46 +132,23 @@ class Attention(nnx.Module):
         self.implementation = None if c.attention == "xla" else c.attention
         self.scale = 1.0 / math.sqrt(c.head_dim)
 
-    def __call__(self, x, cos, sin, mask, rngs: tuple | None, kv: tuple | None = None, cache_index=None):
-        """Attention over `x` alone (causal), or, with `kv` (this layer's cache of keys and values, each
-        `[batch, kv_heads, max_len, head_dim]`), over the cache after writing `x`'s keys/values at `cache_index`;
-        `mask` then carries causality too. Returns `(output, kv)`."""
+    def __call__(self, x, cos, sin, mask, rngs: tuple | None):
+        """Causal self-attention over `x` `[batch, seq, hidden]`; `mask` is the padding/segment mask (or, for
+        splash, the kernel's segment ids)."""
         b, t, _ = x.shape
         r = rngs or (None,) * 4
         q = checkpoint_name(self.q_proj(x, r[0]), "query_proj").reshape(b, t, self.num_heads, self.head_dim)
         k = checkpoint_name(self.k_proj(x, r[1]), "key_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         v = checkpoint_name(self.v_proj(x, r[2]), "value_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            out, kv = self._cached_attention(q, k, v, mask, kv, cache_index)
-        elif self.implementation == "splash":  # `mask` is the kernel's segment ids (see `hidden_states`)
+        if self.implementation == "splash":
             out = splash_attention(q, k, v, mask, scale=self.scale)
         else:
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=mask, is_causal=True, scale=self.scale, implementation=self.implementation
             )
         out = checkpoint_name(out.reshape(b, t, self.num_heads * self.head_dim), "context")
-        return checkpoint_name(self.o_proj(out, r[3]), "out_proj"), kv
-
-    def _cached_attention(self, q, k, v, mask, kv, cache_index):
-        """Write k/v `[batch, t, kv_heads, head_dim]` into the cache at `cache_index` and attend over all slots.
-
-        The cache is kv-head-major (`[batch, kv_heads, max_len, head_dim]`) so both attention matmuls read it in
-        place: a `[.., max_len, kv_heads, ..]` cache is transposed whole at every step and layer, which on CPU
-        cost about a tenth of a batch-8 decode step. Scores and softmax are float32.
-        """
-        b, t, h, d = q.shape
-        kvh = self.num_kv_heads
-        k_cache, v_cache = kv
-        start = (0, 0, cache_index, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
-        qg = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)  # [b, kvh, group, t, d]
-        scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, :, None], scores / math.sqrt(d), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_cache, preferred_element_type=jnp.float32)
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype), (k_cache, v_cache)
+        return checkpoint_name(self.o_proj(out, r[3]), "out_proj")
 
 
 class MLP(nnx.Module):
@@ -212,12 +188,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, stack=stack, param_dtype=pd)
         self.mlp = MLP(config, lora, stack=stack, rngs=rngs)
 
-    def __call__(self, h, cos, sin, mask, dropout_rng: jax.Array | None, kv: tuple | None = None, cache_index=None):
-        """`(h, kv)`: the layer's output, and its KV cache `(k, v)` updated at `cache_index` (None without one)."""
+    def __call__(self, h, cos, sin, mask, dropout_rng: jax.Array | None):
         rngs = None if dropout_rng is None else tuple(jax.random.split(dropout_rng, 7))
-        attn, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, rngs and rngs[:4], kv, cache_index)
-        h = h + attn
-        return h + self.mlp(self.post_attention_layernorm(h), rngs and rngs[4:]), kv
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, rngs and rngs[:4])
+        return h + self.mlp(self.post_attention_layernorm(h), rngs and rngs[4:])
 
 
 def remat_policy(config: ModelConfig):
@@ -239,50 +213,6 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0)
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer for `max_len` cache slots, each `[layers, batch, kv_heads, max_len, head_dim]`.
-
-    Slot `j` of row `b` holds the token that was fed at slot `j`; which slots hold real tokens (not left padding,
-    not yet written) is the caller's `kv_valid` mask, so the cache itself carries no bookkeeping.
-    """
-
-    k: jax.Array
-    v: jax.Array
-
-
-def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, stacked: bool = True) -> KVCache:
-    """A zeroed cache for `batch` rows of `max_len` slots, in `config.dtype` unless `dtype` says otherwise.
-
-    `stacked=False` gives tuples of per-layer `[batch, kv_heads, max_len, head_dim]` arrays instead, the form
-    `LlamaForCausalLM.decode` takes with unstacked `layers`.
-    """
-    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-    dtype = jnp.dtype(dtype or config.dtype)
-    if stacked:
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-    per_layer = lambda: tuple(jnp.zeros(shape[1:], dtype) for _ in range(shape[0]))
-    return KVCache(per_layer(), per_layer())
-
-
-def unstack_layers(model: LlamaForCausalLM) -> tuple[nnx.State, ...]:
-    """The decoder's weights as one state per layer (for `LlamaForCausalLM.decode(..., layers=...)`).
-
-    Why: inside `lax.scan` each step slices its layer out of the stacked `[layers, ...]` arrays, and XLA's CPU
-    backend materialises those slices before the matmuls, so a decode step, which should read every weight once,
-    reads it three times. Per-layer arrays avoid that. On CPU they are zero-copy views of the stacked arrays
-    (`jax.device_put` of a NumPy view aliases host memory); elsewhere they are copies.
-    """
-    _, state = nnx.split(model.layers)
-    on_cpu = all(d.platform == "cpu" for d in jax.devices())
-
-    def take(x, i):
-        if on_cpu and isinstance(x, jax.Array) and x.is_fully_addressable and len(x.devices()) == 1:
-            return jax.device_put(np.asarray(x)[i], next(iter(x.devices())))
-        return x[i]
-
-    return tuple(jax.tree.map(lambda x, i=i: take(x, i), state) for i in range(model.config.num_hidden_layers))
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -338,7 +268,7 @@ class LlamaForCausalLM(nnx.Module):
             layer_params, idx = xs
             layer = nnx.merge(graphdef, layer_params)
             rng = jax.random.fold_in(dropout_rng, idx) if use_dropout else None
-            return layer(h, cos, sin, mask, rng)[0], None
+            return layer(h, cos, sin, mask, rng), None
 
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.config), prevent_cse=False)
@@ -352,56 +282,6 @@ class LlamaForCausalLM(nnx.Module):
             w = self.embed_tokens.embedding[...].astype(h.dtype)
             return jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
-
-    def decode(
-        self,
-        input_ids: jax.Array,
-        cache: KVCache,
-        *,
-        positions: jax.Array,
-        cache_index: jax.Array | int,
-        kv_valid: jax.Array,
-        layers: tuple[nnx.State, ...] | None = None,
-    ) -> tuple[jax.Array, KVCache]:
-        """Run `input_ids` `[batch, t]` against a KV cache: `(final-norm hidden [batch, t, hidden], new cache)`.
-
-        The tokens' keys and values are written at slots `cache_index .. cache_index + t - 1` (the same slots for
-        every row: left padding keeps rows aligned at their ends); `positions` `[batch, t]` are their RoPE positions
-        (per row, counted from the row's first real token) and `kv_valid` `[batch, max_len]` marks the slots that
-        hold real tokens, including the ones written now. A query at slot `s` sees valid slots `<= s`. Prefill is
-        one call with the whole prompt at index 0; each decode step is a call with `t = 1` and a traced index, so
-        one compiled step serves every position.
-
-        By default the stacked layers are scanned and the stacked cache (`init_kv_cache(stacked=True)`) rides
-        through the scan as per-layer xs/ys. With `layers` (from `unstack_layers`) the same layer body runs once
-        per layer, unrolled, over a per-layer cache (`stacked=False`): faster on CPU, compile time linear in depth.
-        """
-        t = input_ids.shape[1]
-        max_len = (cache.k if layers is None else cache.k[0]).shape[-2]
-        cos, sin = rope_tables(self.config, positions)
-        query_slots = cache_index + jnp.arange(t)
-        causal = jnp.arange(max_len)[None, :] <= query_slots[:, None]
-        mask = kv_valid.astype(bool)[:, None, None, :] & causal[None, None]
-        h = self.embed_tokens(input_ids).astype(jnp.dtype(self.config.dtype))
-        graphdef, layer_state = nnx.split(self.layers)
-
-        def body(h, xs):
-            layer_params, k, v = xs
-            layer = nnx.merge(graphdef, layer_params)
-            h, (k, v) = layer(h, cos, sin, mask, None, (k, v), cache_index)
-            return h, (k, v)
-
-        if layers is None:
-            h, (k, v) = jax.lax.scan(body, h, (layer_state, cache.k, cache.v))
-            return self.norm(h), KVCache(k, v)
-        if len(layers) != self.config.num_hidden_layers:
-            raise ValueError(f"got {len(layers)} layer states for a {self.config.num_hidden_layers}-layer model")
-        ks, vs = [], []
-        for layer_params, k, v in zip(layers, cache.k, cache.v, strict=True):
-            h, (k, v) = body(h, (layer_params, k, v))
-            ks.append(k)
-            vs.append(v)
-        return self.norm(h), KVCache(tuple(ks), tuple(vs))
 
     def __call__(
         self,

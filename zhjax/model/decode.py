@@ -1,0 +1,226 @@
+"""The model as generation reads it: weights laid out for decoding, a KV cache, and one forward step over it.
+
+Training wants the weights as `zhjax.model.llama` holds them (stacked layers, LoRA factors apart, one kernel per
+projection, so adapters and `modules_to_save` split cleanly). Decoding wants something else: a step of batch 1
+reads every weight once and does little arithmetic, so its speed is the memory bandwidth minus the cost of each
+separate kernel. `decode_weights` therefore prepares, once per model:
+
+- LoRA folded into the kernels (`W + A B alpha/r` in float32, cast back), so a step runs no adapter matmuls;
+- the q, k and v kernels side by side in one `[hidden, (heads + 2 kv_heads) * head_dim]` matrix and gate and up
+  in one `[hidden, 2 * intermediate]`: four matmuls per layer instead of seven. On XLA:CPU every matmul is its
+  own kernel call with a fixed cost, and the three (two) products of one input read better as one;
+- on CPU, the layers one by one as zero-copy views of stacked arrays (`unstack=True`): inside `lax.scan`,
+  XLA:CPU copies each step's slice of the stacked weights before the matmuls, so a step that should read each
+  weight once reads it three times. Elsewhere the layers stay stacked and are scanned.
+
+`decode` runs input ids against a `KVCache` with the same numerics as `LlamaForCausalLM` (the norm, RoPE and
+attention primitives are shared with it; `tests/test_generate.py` checks the logits against the model's forward
+pass, with LoRA, biases and untied embeddings). The keys and values of the new tokens are written at
+`cache_index` (the same slots for every row: left padding keeps rows aligned at their ends), `positions` are
+their RoPE positions (per row, counted from the row's first real token) and `kv_valid` `[batch, max_len]` marks
+the slots that hold real tokens, including the ones written now; a query at slot `s` sees valid slots `<= s`.
+A prompt is one call at index 0; each new token is a call with one token at a traced index, so one compiled
+step serves every position. The loop around it is `zhjax.infer.generate`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zhjax.config import ModelConfig
+from zhjax.model.llama import LlamaForCausalLM, apply_rope, rms_norm, rope_tables
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for `max_len` cache slots: `[layers, batch, kv_heads, max_len, head_dim]`
+    arrays (stacked) or tuples of per-layer `[batch, kv_heads, max_len, head_dim]` arrays (unstacked).
+
+    The cache is kv-head-major so both attention matmuls read it in place (a `[.., max_len, kv_heads, ..]` cache
+    is transposed whole at every step and layer, about a tenth of a batch-8 CPU step). Slot `j` of row `b` holds
+    the token fed at slot `j`; which slots are real is the caller's `kv_valid` mask.
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+
+
+class DecodeLayer(NamedTuple):
+    """One layer's weights for decoding (or all layers', stacked on a leading axis). Biases are None without them."""
+
+    input_norm: jax.Array
+    qkv: jax.Array  # [hidden, (heads + 2 * kv_heads) * head_dim]: q | k | v
+    o: jax.Array
+    post_norm: jax.Array
+    gate_up: jax.Array  # [hidden, 2 * intermediate]: gate | up
+    down: jax.Array
+    qkv_bias: jax.Array | None = None
+    o_bias: jax.Array | None = None
+    gate_up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
+
+
+class DecodeWeights(NamedTuple):
+    """Everything a decode step reads. `layers` is one stacked `DecodeLayer` or a tuple of per-layer ones;
+    `lm_head` is None when the head is tied to `embed`."""
+
+    embed: jax.Array
+    layers: DecodeLayer | tuple[DecodeLayer, ...]
+    final_norm: jax.Array
+    lm_head: jax.Array | None
+
+
+def decode_weights(model: LlamaForCausalLM, *, unstack: bool) -> DecodeWeights:
+    """The model's weights laid out for decoding (see the module docstring); the model itself is not changed.
+
+    New memory: the fused q|k|v and gate|up kernels (and merged kernels of LoRA-adapted projections); the rest
+    is shared with the model.
+    """
+    attn, mlp = model.layers.self_attn, model.layers.mlp
+
+    def fused(*linears):
+        kernels = [lin.merged_kernel() for lin in linears]
+        return kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=-1)
+
+    def fused_bias(*linears):
+        if linears[0].bias is None:
+            return None
+        biases = [lin.bias[...] for lin in linears]
+        return biases[0] if len(biases) == 1 else jnp.concatenate(biases, axis=-1)
+
+    stacked = DecodeLayer(
+        input_norm=model.layers.input_layernorm.scale[...],
+        qkv=fused(attn.q_proj, attn.k_proj, attn.v_proj),
+        o=fused(attn.o_proj),
+        post_norm=model.layers.post_attention_layernorm.scale[...],
+        gate_up=fused(mlp.gate_proj, mlp.up_proj),
+        down=fused(mlp.down_proj),
+        qkv_bias=fused_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+        o_bias=fused_bias(attn.o_proj),
+        gate_up_bias=fused_bias(mlp.gate_proj, mlp.up_proj),
+        down_bias=fused_bias(mlp.down_proj),
+    )
+    layers = _unstack(stacked, model.config.num_hidden_layers) if unstack else stacked
+    lm_head = None if model.lm_head is None else model.lm_head.kernel[...]
+    return DecodeWeights(model.embed_tokens.embedding[...], layers, model.norm.scale[...], lm_head)
+
+
+def _unstack(stacked: DecodeLayer, num_layers: int) -> tuple[DecodeLayer, ...]:
+    """Per-layer views of stacked arrays: zero-copy on a single CPU device (`jax.device_put` of a NumPy view
+    aliases host memory), slices (copies) elsewhere."""
+    on_cpu = all(d.platform == "cpu" for d in jax.devices())
+
+    def take(x, i):
+        if on_cpu and isinstance(x, jax.Array) and x.is_fully_addressable and len(x.devices()) == 1:
+            return jax.device_put(np.asarray(x)[i], next(iter(x.devices())))
+        return x[i]
+
+    return tuple(jax.tree.map(lambda x, i=i: take(x, i), stacked) for i in range(num_layers))
+
+
+def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, stacked: bool = True) -> KVCache:
+    """A zeroed cache for `batch` rows of `max_len` slots, in `config.dtype` unless `dtype` says otherwise;
+    `stacked=False` gives the per-layer tuples that unstacked `DecodeWeights` take."""
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    if stacked:
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    per_layer = lambda: tuple(jnp.zeros(shape[1:], dtype) for _ in range(shape[0]))
+    return KVCache(per_layer(), per_layer())
+
+
+def cached_attention(q, k, v, mask, kv: tuple[jax.Array, jax.Array], cache_index):
+    """Write k/v `[batch, t, kv_heads, head_dim]` into one layer's cache at `cache_index` and attend `q`
+    `[batch, t, heads, head_dim]` over every slot allowed by `mask` `[batch, 1, t, max_len]`. Scores and softmax
+    in float32. Returns `(out [batch, t, heads, head_dim], (k_cache, v_cache))`."""
+    b, t, h, d = q.shape
+    k_cache, v_cache = kv
+    kvh = k_cache.shape[1]
+    start = (0, 0, cache_index, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+    qg = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)  # [b, kvh, group, t, d]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores / math.sqrt(d), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype), (k_cache, v_cache)
+
+
+def _linear(x, kernel, bias, dtype):
+    """`x @ kernel (+ bias)` in `dtype`, as `zhjax.model.lora.Linear` computes it."""
+    y = x.astype(dtype) @ kernel.astype(dtype)
+    return y if bias is None else y + bias.astype(dtype)
+
+
+def _layer(config: ModelConfig, p: DecodeLayer, h, cos, sin, mask, kv, cache_index):
+    """One pre-norm decoder layer over the cache: `(h, (k_cache, v_cache))`."""
+    b, t, _ = h.shape
+    dtype = jnp.dtype(config.dtype)
+    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    qkv = _linear(rms_norm(h, p.input_norm, config.rms_norm_eps), p.qkv, p.qkv_bias, dtype)
+    q, k, v = jnp.split(qkv, [heads * d, (heads + kv_heads) * d], axis=-1)
+    q = apply_rope(q.reshape(b, t, heads, d), cos, sin)
+    k = apply_rope(k.reshape(b, t, kv_heads, d), cos, sin)
+    out, kv = cached_attention(q, k, v.reshape(b, t, kv_heads, d), mask, kv, cache_index)
+    h = h + _linear(out.reshape(b, t, heads * d), p.o, p.o_bias, dtype)
+    gate, up = jnp.split(
+        _linear(rms_norm(h, p.post_norm, config.rms_norm_eps), p.gate_up, p.gate_up_bias, dtype), 2, axis=-1
+    )
+    return h + _linear(jax.nn.silu(gate) * up, p.down, p.down_bias, dtype), kv
+
+
+def decode(
+    config: ModelConfig,
+    weights: DecodeWeights,
+    input_ids: jax.Array,
+    cache: KVCache,
+    *,
+    positions: jax.Array,
+    cache_index: jax.Array | int,
+    kv_valid: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """Run `input_ids` `[batch, t]` against the cache: `(final-norm hidden [batch, t, hidden], new cache)`.
+
+    A stacked cache goes with stacked `weights.layers` (scanned), a per-layer one with unstacked layers.
+    """
+    t = input_ids.shape[1]
+    stacked = isinstance(weights.layers, DecodeLayer)
+    if stacked != isinstance(cache.k, jax.Array):
+        raise ValueError("stacked decode weights need a stacked KV cache and unstacked ones a per-layer cache "
+                         "(init_kv_cache(stacked=...))")
+    max_len = (cache.k if stacked else cache.k[0]).shape[-2]
+    cos, sin = rope_tables(config, positions)
+    query_slots = cache_index + jnp.arange(t)
+    causal = jnp.arange(max_len)[None, :] <= query_slots[:, None]
+    mask = kv_valid.astype(bool)[:, None, None, :] & causal[None, None]
+    h = jnp.take(weights.embed, input_ids, axis=0).astype(jnp.dtype(config.dtype))
+
+    def body(h, xs):
+        p, k, v = xs
+        return _layer(config, p, h, cos, sin, mask, (k, v), cache_index)
+
+    if stacked:
+        h, (k, v) = jax.lax.scan(body, h, (weights.layers, cache.k, cache.v))
+        return rms_norm(h, weights.final_norm, config.rms_norm_eps), KVCache(k, v)
+    if len(weights.layers) != config.num_hidden_layers:
+        raise ValueError(f"got {len(weights.layers)} layers of weights for a {config.num_hidden_layers}-layer model")
+    ks, vs = [], []
+    for p, k, v in zip(weights.layers, cache.k, cache.v, strict=True):
+        h, (k, v) = body(h, (p, k, v))
+        ks.append(k)
+        vs.append(v)
+    return rms_norm(h, weights.final_norm, config.rms_norm_eps), KVCache(tuple(ks), tuple(vs))
+
+
+def decode_logits(config: ModelConfig, weights: DecodeWeights, h: jax.Array) -> jax.Array:
+    """Float32 logits of final-norm hidden states `h` `[batch, t, hidden]` (as `logits_from_hidden`)."""
+    dtype = jnp.dtype(config.dtype)
+    if weights.lm_head is None:
+        return jnp.einsum("btd,vd->btv", h, weights.embed.astype(h.dtype), preferred_element_type=jnp.float32
+                          ).astype(jnp.float32)
+    return _linear(h, weights.lm_head, None, dtype).astype(jnp.float32)
