@@ -11,6 +11,12 @@ Batch-1 decoding reads every weight once per token, so it is bounded by memory b
 (bytes of the weights read per token) / (copy bandwidth), the bandwidth measured in the same run by copying a
 1 GiB NumPy array (counted as STREAM counts a copy: bytes read + bytes written, per second). Each system's
 batch-1 decode speed is printed as a fraction of that bound.
+
+The last column is each system's matmuls alone: the same weight products a decode step runs (zhjax's fused
+layout through XLA, transformers' `nn.Linear` weights through PyTorch), chained with nothing else, timed in the
+same interleaved runs. The gap between a system's step and its matmuls is everything else (attention over the
+cache, norms, sampling, framework overhead); the matmuls are the floor a system cannot go below without faster
+matmuls.
 """
 
 from __future__ import annotations
@@ -63,6 +69,50 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
+def zhjax_matmuls(decoder, batch: int):
+    """A callable that runs the decode step's weight products for `batch` rows through XLA, and nothing else."""
+    import jax
+    import jax.numpy as jnp
+
+    w, c = decoder.weights, decoder.config
+    q_width, inter = c.num_attention_heads * c.head_dim, c.intermediate_size
+
+    @jax.jit
+    def chain(h, w):
+        for p in w.layers:
+            h = h + (h @ p.qkv)[:, :q_width] @ p.o
+            gate_up = h @ p.gate_up
+            h = h + (gate_up[:, :inter] * gate_up[:, inter:]) @ p.down
+        if w.lm_head is None:  # tied: the embedding, contracted over its last axis as `decode_logits` does
+            return jnp.einsum("bd,vd->bv", h, w.embed)
+        return h @ w.lm_head
+
+    h = jnp.ones((batch, c.hidden_size), jnp.float32)
+    return lambda: jax.block_until_ready(chain(h, w))
+
+
+def torch_matmuls(ref, batch: int):
+    """The same for transformers' model: its `nn.Linear` weights through PyTorch, and nothing else."""
+    import torch
+    from torch.nn.functional import linear
+
+    layers = ref.model.layers
+    head = ref.lm_head.weight
+    h0 = torch.ones(batch, ref.config.hidden_size)
+
+    def chain():
+        with torch.no_grad():
+            h = h0
+            for layer in layers:
+                a, m = layer.self_attn, layer.mlp
+                q, k, v = linear(h, a.q_proj.weight), linear(h, a.k_proj.weight), linear(h, a.v_proj.weight)
+                h = h + linear(q + k.sum() + v.sum(), a.o_proj.weight)
+                h = h + linear(linear(h, m.gate_proj.weight) * linear(h, m.up_proj.weight), m.down_proj.weight)
+            return linear(h, head)
+
+    return chain
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -113,7 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         for run in systems.values():
             run(PROMPTS[:b], n)
             run(PROMPTS[:b], 1)
+    matmuls = {("zhjax", b): zhjax_matmuls(decoder, b) for b in batches}
+    matmuls.update({("transformers", b): torch_matmuls(ref, b) for b in batches})
+    for chain in matmuls.values():
+        chain()
+
+    def time_matmuls(chain, reps: int = 10) -> float:
+        t = time.perf_counter()
+        for _ in range(reps):
+            chain()
+        return (time.perf_counter() - t) / reps
+
     times = {(name, b, k): [] for name in systems for b in batches for k in (1, n)}
+    matmul_times = {key: [] for key in matmuls}
     bandwidths = []
     for _ in range(args.repeats):
         bandwidths.append(copy_bandwidth())
@@ -121,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, run in systems.items():  # A B A B: the systems alternate within each repeat
                 times[(name, b, n)].append(run(PROMPTS[:b], n))
                 times[(name, b, 1)].append(run(PROMPTS[:b], 1))
+                matmul_times[(name, b)].append(time_matmuls(matmuls[(name, b)]))
     bandwidth = statistics.median(bandwidths)
     bound = bandwidth / weight_bytes
 
@@ -128,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, jax {__import__('jax').__version__}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); weights read per token {weight_bytes / 1e6:.0f} MB; "
           f"batch-1 bound {bound:.1f} tokens/s ({1e3 / bound:.1f} ms/token)\n")
-    header = f"{'batch':>5}  {'system':<12} {'decode tok/s':>12} {'ms/step':>8} {'end-to-end tok/s':>16} {'speedup':>8} {'of bound':>8}"
+    header = (f"{'batch':>5}  {'system':<12} {'decode tok/s':>12} {'ms/step':>8} {'end-to-end tok/s':>16} {'speedup':>8} "
+              f"{'of bound':>8} {'matmuls ms':>10}")
     print(header)
     print("-" * len(header))
     for b in batches:
@@ -141,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             rate, step, e2e = rates[name]
             speedup = rate / rates["transformers"][0]
             frac = f"{rate / bound:.0%}" if b == 1 else ""
-            print(f"{b:>5}  {name:<12} {rate:>12.1f} {step * 1e3:>8.1f} {e2e:>16.1f} {speedup:>7.2f}x {frac:>8}")
+            mm = statistics.median(matmul_times[(name, b)]) * 1e3
+            print(f"{b:>5}  {name:<12} {rate:>12.1f} {step * 1e3:>8.1f} {e2e:>16.1f} {speedup:>7.2f}x {frac:>8} {mm:>10.1f}")
     print("\nraw medians (s): " + ", ".join(f"{k[0]} b{k[1]} n{k[2]}: {statistics.median(v):.2f}" for k, v in times.items()))
     print("spread (min-max s): " + ", ".join(f"{k[0]} b{k[1]} n{k[2]}: {min(v):.2f}-{max(v):.2f}" for k, v in times.items()))
     return 0
