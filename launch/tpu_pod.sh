@@ -11,10 +11,12 @@
 #
 # 1. create-or-reuse: `gcloud compute tpus tpu-vm describe` the slice, `create` it when it does not exist;
 # 2. install: this checkout's last commit (`git archive HEAD`: commit first) is copied to every worker and
-#    `pip install -e .[tpu]`-ed (skip with --skip-install when the workers already have this version);
+#    `pip install -e .[tpu,gcs]`-ed (gcsfs for gs:// output and data; skip with --skip-install when the workers
+#    already have this version);
 # 3. run: `gcloud compute tpus tpu-vm ssh --worker=all` starts the same `zhjax ... --distributed` on all workers;
 #    each worker's output goes to its terminal stream and, with --log-dir, to LOG_DIR/<hostname>.log.
-# Data and base paths must exist on every worker (or be gs:// paths); checkpoints go to output_dir.
+# Data and base paths must exist on every worker (or be gs:// paths); output_dir may be gs:// (checkpoints are
+# written there by every worker, process 0's files are uploaded at each save).
 # --dry-run prints every gcloud command instead of running it.
 set -euo pipefail
 
@@ -76,7 +78,7 @@ if [[ "$install" == 1 ]]; then
   run git -C "$repo" archive --format=tar.gz -o "$archive" HEAD
   run "${tpu[@]}" scp "$archive" "$name:zhjax.tar.gz" "${where[@]}" --worker=all
   run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command \
-    "rm -rf ~/zhjax && mkdir -p ~/zhjax && tar -xzf ~/zhjax.tar.gz -C ~/zhjax && python3 -m pip install -q -e \"\$HOME/zhjax[tpu]\""
+    "rm -rf ~/zhjax && mkdir -p ~/zhjax && tar -xzf ~/zhjax.tar.gz -C ~/zhjax && python3 -m pip install -q -e \"\$HOME/zhjax[tpu,gcs]\""
 fi
 
 # 3. the same command on all workers

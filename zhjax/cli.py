@@ -35,6 +35,9 @@ def _train(kind: str, argv: list[str]) -> int:
         overrides.append("overwrite_output_dir=true")
     try:
         cfg = load_job_config(kind, args.config, overrides)
+        from zhjax.train.storage import check_output_dir
+
+        check_output_dir(cfg.output_dir)  # e.g. gs:// without gcsfs: say so before any training work
     except ValueError as e:
         print(f"zhjax {kind}: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from zhjax.config import ModelConfig, RopeScaling
@@ -97,11 +98,14 @@ class RunCheckpointer:
     `meta` holds the step, the data loader's position, the RNG seed and the job config. Saves are asynchronous
     (orbax `CheckpointManager`) and keep the newest `max_to_keep`; orbax writes each step to a temporary
     directory and renames it when complete, so a crash mid-save leaves the previous checkpoint restorable.
-    Every process calls every method (orbax coordinates multi-host saves).
+    Every process calls every method (orbax coordinates multi-host saves). `directory` may be a URL such as
+    `gs://bucket/run/checkpoints`: orbax then writes there directly (each process its own shards) and, since an
+    object store has no atomic rename, marks a finished step with a commit file instead.
     """
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        # a URL stays a URL (etils.epath picks its backend); `Path` would mangle `gs://` into a local `gs:/`
+        self.directory = epath.Path(directory) if "://" in str(directory) else Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )

@@ -91,6 +91,14 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
 
+    def flush(self) -> None:
+        """Push buffered records to the files (before they are uploaded from a staging directory)."""
+        if not self.enabled:
+            return
+        self.jsonl.flush()
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return

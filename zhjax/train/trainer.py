@@ -11,6 +11,9 @@ Reads top to bottom:
    and all, so the run continues at the next sample.
 5. Loop: step, check the loss is finite, log every `logging_steps`, evaluate every `eval_steps`, save every
    `save_steps` (orbax, async) together with a PEFT adapter export.
+
+`output_dir` may be a URL (`gs://bucket/run`): checkpoints go there directly, process 0's files are staged
+locally and uploaded at each save (`zhjax.train.storage`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from zhjax.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from zhjax.train.optim import build_optimizer, learning_rate_schedule
 from zhjax.train.plan import opt_state_shardings
 from zhjax.train.step import make_eval_step, make_train_step
+from zhjax.train.storage import OutputDir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,13 +132,13 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     """Run one training job; returns a summary (final step, last losses, output paths)."""
     from zhjax.train.data_setup import build_data
 
-    out = Path(cfg.output_dir)
+    out = OutputDir(cfg.output_dir)  # a URL whose filesystem package is missing fails here, before any work
     is_main = jax.process_index() == 0
-    if cfg.overwrite_output_dir and out.exists() and is_main:
-        shutil.rmtree(out)
+    if cfg.overwrite_output_dir and is_main and out.exists():
+        out.remove()
     _sync("zhjax-output-dir-cleared")
-    out.mkdir(parents=True, exist_ok=True)
-    export_random_base = cfg.init_from is None and not (out / "base" / "config.json").exists()
+    out.prepare(is_main)
+    export_random_base = cfg.init_from is None and not out.exists("base/config.json")
     _sync("zhjax-output-dir-checked")  # every process decided before process 0 writes base/
 
     mesh = make_mesh(cfg.mesh)
@@ -151,7 +155,7 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
 
         host_model = _fully_replicated(model)  # every process takes part; process 0 writes
         if is_main:
-            save_hf(host_model, out / "base", tokenizer_dir=cfg.tokenizer)
+            save_hf(host_model, out.local / "base", tokenizer_dir=cfg.tokenizer)
         del host_model
     data = build_data(cfg, kind, model.config, mesh, global_batch * accum)
     model_cfg = model.config
@@ -169,7 +173,7 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     schedule = learning_rate_schedule(cfg.optim, total_steps)
 
-    ckpt = RunCheckpointer(out / "checkpoints", max_to_keep=cfg.save_total_limit, async_save=cfg.async_checkpointing)
+    ckpt = RunCheckpointer(out.location("checkpoints"), max_to_keep=cfg.save_total_limit, async_save=cfg.async_checkpointing)
     start_step = 0
     latest = ckpt.latest_step()
     if latest is not None:
@@ -195,12 +199,14 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     embed_trainable = any(str(p[0]) == "embed_tokens" for p, _ in nnx.to_flat_state(trainable))
     fpt = flops_per_token(model_cfg, n_train, n_frozen, seq_len, embed_trainable=embed_trainable)
     peak = (cfg.peak_tflops_per_device * 1e12) if cfg.peak_tflops_per_device else peak_flops(jax.devices()[0])
-    logger = MetricsLogger(out, enabled=is_main)
+    logger = MetricsLogger(out.local, enabled=is_main)
     logger.text(
         f"{kind}: {total_steps} steps, global batch {global_batch} x {accum} accum x {seq_len} tokens, mesh "
         f"{dict(mesh.shape)}, trainable {n_train:,} / frozen {n_frozen:,} params, attention {cfg.attention}, remat {cfg.remat}"
     )
-    (out / "job_config.json").write_text(json.dumps(_jsonable(cfg), indent=2)) if is_main else None
+    if is_main:
+        (out.local / "job_config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+        out.sync()  # a remote run shows its config (and random base) before the first save
 
     rng = jax.random.key(cfg.seed)
     last_saved = latest
@@ -218,6 +224,9 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
                 ckpt.wait()
                 good = ckpt.latest_step()
                 where = f"{ckpt.directory / str(good)}" if good is not None else "none saved yet"
+                if is_main:
+                    logger.flush()
+                    out.sync()
                 raise NonFiniteLossError(f"{msg} (loss {loss}); last good checkpoint: {where}")
         losses.append(loss)
         window_tokens += data.global_batch * seq_len  # tokens processed, padding included
@@ -240,10 +249,13 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
         if cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == total_steps) and data.has_eval:
             logger.log({"step": done, **evaluate(eval_fn, trainable, frozen, data, cfg.max_eval_batches)})
         if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total_steps:
+            logger.flush()  # the records so far are uploaded with this save
             save(ckpt, done, trainable, opt_state, frozen, graphdef, data, cfg, out, is_main)
             last_saved = done
     ckpt.close()
     logger.close()
+    if is_main:
+        out.close()
     return {"step": total_steps, "losses": losses, "output_dir": str(out), "last_checkpoint": last_saved}
 
 
@@ -263,20 +275,25 @@ def evaluate(eval_fn, trainable, frozen, data, max_batches: int | None) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: Path, is_main: bool) -> None:
-    """An orbax checkpoint (all processes) plus a PEFT adapter beside it (process 0)."""
+def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: OutputDir, is_main: bool) -> None:
+    """An orbax checkpoint (all processes) plus a PEFT adapter beside it (process 0).
+
+    A remote `out` gets process 0's staged files (adapter, metrics so far) before this returns, so a job
+    preempted once the checkpoint is complete has them uploaded too.
+    """
     meta = {"step": step, "data": data.state_dict(), "seed": cfg.seed, "config": _jsonable(cfg)}
     ckpt.save(step, trainable, opt_state, meta)
-    if cfg.full_finetuning:
-        return
-    # the adapter export reads every shard of the trainable state: replicate it (all processes take part)
-    model = nnx.merge(graphdef, _fully_replicated(trainable), frozen)
-    if is_main and model.lora is not None:
-        from zhjax.convert.peft import save_peft_adapter
+    if not cfg.full_finetuning:
+        # the adapter export reads every shard of the trainable state: replicate it (all processes take part)
+        model = nnx.merge(graphdef, _fully_replicated(trainable), frozen)
+        if is_main and model.lora is not None:
+            from zhjax.convert.peft import save_peft_adapter
 
-        base = cfg.init_from or str((out / "base").absolute())
-        save_peft_adapter(model, out / "adapter", base_model_name_or_path=base)
-        _save_tokenizer(cfg, out / "adapter")
+            base = cfg.init_from or str(out.location("base"))
+            save_peft_adapter(model, out.local / "adapter", base_model_name_or_path=base)
+            _save_tokenizer(cfg, out.local / "adapter")
+    if is_main:
+        out.sync()
 
 
 def _sync(name: str) -> None:
