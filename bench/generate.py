@@ -74,18 +74,18 @@ def zhjax_matmuls(decoder, batch: int):
     import jax
     import jax.numpy as jnp
 
+    from zhjax.model.decode import dense
+
     w, c = decoder.weights, decoder.config
-    q_width, inter = c.num_attention_heads * c.head_dim, c.intermediate_size
+    q_width, inter, f32 = c.num_attention_heads * c.head_dim, c.intermediate_size, jnp.float32
 
     @jax.jit
     def chain(h, w):
         for p in w.layers:
-            h = h + (h @ p.qkv)[:, :q_width] @ p.o
-            gate_up = h @ p.gate_up
-            h = h + (gate_up[:, :inter] * gate_up[:, inter:]) @ p.down
-        if w.lm_head is None:  # tied: the embedding, contracted over its last axis as `decode_logits` does
-            return jnp.einsum("bd,vd->bv", h, w.embed)
-        return h @ w.lm_head
+            h = h + dense(dense(h, p.qkv, None, f32)[:, :q_width], p.o, None, f32)
+            gate_up = dense(h, p.gate_up, None, f32)
+            h = h + dense(gate_up[:, :inter] * gate_up[:, inter:], p.down, None, f32)
+        return dense(h, w.embed if w.lm_head is None else w.lm_head, None, f32)
 
     h = jnp.ones((batch, c.hidden_size), jnp.float32)
     return lambda: jax.block_until_ready(chain(h, w))

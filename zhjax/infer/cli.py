@@ -204,7 +204,9 @@ def generate_main(argv: list[str]) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        generate(Decoder(model), tokenizer, [ids], stream=stream, **_sampling(args))
+        decoder = Decoder(model)
+        del model  # the decoder holds its own copy of the kernels: do not keep two
+        generate(decoder, tokenizer, [ids], stream=stream, **_sampling(args))
         sys.stdout.write("\n")
         sys.stdout.flush()
         return 0
@@ -218,6 +220,7 @@ def generate_main(argv: list[str]) -> int:
     ]
     _apply_ntk(args, model, max((len(p) for p in prompts), default=0) + args.max_new_tokens)
     decoder = Decoder(model)
+    del model  # the decoder holds its own copy of the kernels: do not keep two
     Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output_file, "w", encoding="utf-8") as f:
         for start in range(0, len(prompts), args.batch_size):
@@ -247,6 +250,7 @@ def chat_main(argv: list[str]) -> int:
         parser.error(f"--max-context {max_context} leaves no room for a prompt after {args.max_new_tokens} new tokens")
     _apply_ntk(args, model, max_context)
     decoder = Decoder(model)
+    del model  # the decoder holds its own copy of the kernels: do not keep two
     sampling = _sampling(args)
 
     def reply(ids: list[int], stream) -> str:
