@@ -73,7 +73,6 @@ class Decoder:
             unstack = jax.default_backend() == "cpu"
         self.config: ModelConfig = model.config
         self.weights = decode_weights(model, unstack=unstack)
-        self.unstacked = unstack
 
 
 def _is_eos(tokens: jax.Array, sampler: Sampler) -> jax.Array:
