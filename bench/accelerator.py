@@ -1,7 +1,7 @@
 """LoRA pre-training throughput on the accelerator at hand: zhjax vs transformers + peft, tokens/s and MFU.
 
     .venv/bin/python bench/accelerator.py                       # 1B-class and 7B-shaped LLaMA, one GPU or TPU
-    .venv/bin/python bench/accelerator.py --shapes tiny --steps 3   # smoke test of the script itself (CPU)
+    .venv/bin/python bench/accelerator.py --shapes tiny --steps 2 --torch-on-cpu   # smoke test (CPU)
 
 The seed's pre-training job at each shape: random weights, vocabulary 49953, 512-token blocks, bf16 base and
 matmuls, LoRA r=8 / alpha 32 / dropout 0.05 on all seven projections, embed_tokens and lm_head trained, float32
@@ -9,9 +9,11 @@ trainable weights and AdamW state, clipping 1.0. zhjax runs its real train step 
 `cudnn` on GPUs, `xla` elsewhere); transformers + peft runs the same job in PyTorch (bf16 base, float32
 trainable weights under `torch.autocast(bfloat16)`, SDPA attention, fused AdamW), on CUDA only. Both use the
 first device only. Each system and shape runs in its own process (so each gets the whole device), compiles /
-warms up, then times `--steps` steps.
+warms up, then times `--steps` steps; the two systems alternate for `--rounds` rounds (A B A B), and the table
+gives each system's median and the median of the per-round ratios.
 MFU = tokens/s x training FLOPs per token (`zhjax.train.metrics.flops_per_token`, the same count for both) / the
-device's dense bf16 peak (`zhjax.train.metrics.PEAK_FLOPS`). Sized to finish within 8 minutes on one H100.
+device's dense bf16 peak (`zhjax.train.metrics.PEAK_FLOPS`). Meant to finish within 8 minutes on one H100
+(2 shapes x 2 systems x 2 rounds = 8 processes); not yet timed on one: this project has had no GPU.
 """
 
 from __future__ import annotations
@@ -157,46 +159,64 @@ def run_worker(fn, *args) -> dict:
     return {"error": f"exit code {proc.exitcode}"}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1b,7b", help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per system and shape")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per system, shape and round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (zhjax, transformers, zhjax, "
+                        "...); the table shows each system's median and the median of the per-round ratios")
     parser.add_argument("--batch", type=int, help="per-device batch (default: per shape, 16 for 1b, 8 for 7b)")
     parser.add_argument("--remat", default="none", help="zhjax remat policy; anything but none turns on "
                         "gradient checkpointing in transformers")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results here (rewritten after every run, so an interrupted "
+                        "benchmark keeps what it measured)")
     parser.add_argument("--torch-on-cpu", action="store_true", help="run the PyTorch side without CUDA (smoke test)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 
-    results = []
+    torch_ok = torch.cuda.is_available() or args.torch_on_cpu
+    runs = []  # (shape, batch, round, zhjax result, torch result)
     for shape in args.shapes.split(","):
         batch = args.batch or SHAPES[shape][1]
-        z = run_worker(zhjax_worker, shape, batch, args.steps, args.remat)
-        t = (run_worker(torch_worker, shape, batch, args.steps, args.remat)
-             if torch.cuda.is_available() or args.torch_on_cpu else {"error": "no CUDA device"})
-        results.append((shape, batch, z, t))
-        print(f"{shape}: zhjax {json.dumps(z)}\n{shape}: transformers+peft {json.dumps(t)}", flush=True)
+        for r in range(args.rounds):
+            z = run_worker(zhjax_worker, shape, batch, args.steps, args.remat)
+            t = run_worker(torch_worker, shape, batch, args.steps, args.remat) if torch_ok else {"error": "no CUDA device"}
+            runs.append((shape, batch, r, z, t))
+            print(f"{shape} round {r}: zhjax {json.dumps(z)}\n{shape} round {r}: transformers+peft {json.dumps(t)}",
+                  flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump([dict(shape=s, batch=b, round=i, zhjax=zr, torch=tr) for s, b, i, zr, tr in runs], f,
+                              indent=2)
+    print(format_table(runs, args.remat))
 
-    device = next((z["device"] for _, _, z, _ in results if "device" in z), "unknown")
-    print(f"\nLoRA pre-training step (vocab {VOCAB}, block {SEQ}, bf16, r=8 on 7 targets + embed/head) on {device}, "
-          f"remat {args.remat}\n")
-    print("| shape | system | rows/step | tokens/s | MFU | peak memory GiB | vs transformers+peft |")
-    print("|---|---|---|---|---|---|---|")
-    for shape, _, z, t in results:
-        for name, r in (("zhjax", z), ("transformers+peft", t)):
-            if "error" in r:
-                print(f"| {shape} | {name} | - | {r['error']} | - | - | - |")
+
+def format_table(runs: list, remat: str) -> str:
+    """Per shape and system: median tokens/s over the rounds, MFU, peak memory and the median per-round ratio."""
+    import statistics
+
+    device = next((z["device"] for *_, z, _ in runs if "device" in z), "unknown")
+    out = [f"\nLoRA pre-training step (vocab {VOCAB}, block {SEQ}, bf16, r=8 on 7 targets + embed/head) on {device}, "
+           f"remat {remat}, {max(r for _, _, r, _, _ in runs) + 1} interleaved rounds\n",
+           "| shape | system | rows/step | tokens/s (median) | MFU | peak memory GiB | vs transformers+peft |",
+           "|---|---|---|---|---|---|---|"]
+    for shape in dict.fromkeys(s for s, *_ in runs):
+        rows = [(z, t) for s, _, _, z, t in runs if s == shape]
+        ratios = [z["tokens_per_s"] / t["tokens_per_s"] for z, t in rows if "tokens_per_s" in z and "tokens_per_s" in t]
+        fpt_peak = next(((z["fpt"], z["peak"]) for z, _ in rows if z.get("peak")), None)
+        for i, name in enumerate(("zhjax", "transformers+peft")):
+            ok = [pair[i] for pair in rows if "tokens_per_s" in pair[i]]
+            if not ok:
+                errors = {pair[i].get("error", "no result") for pair in rows}
+                out.append(f"| {shape} | {name} | - | {'; '.join(sorted(errors))} | - | - | - |")
                 continue
-            mfu = r["tokens_per_s"] * z["fpt"] / z["peak"] if "fpt" in z and z.get("peak") else None
-            ratio = r["tokens_per_s"] / t["tokens_per_s"] if "tokens_per_s" in t else None
-            print(f"| {shape} | {name} | {r['rows']} | {r['tokens_per_s']:,.0f} | "
-                  f"{f'{mfu:.1%}' if mfu is not None else 'n/a'} | {r['memory_gib']:.1f} | "
-                  f"{f'{ratio:.2f}x' if ratio else '-'} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dict(shape=s, batch=b, zhjax=z, torch=t) for s, b, z, t in results], f, indent=2)
+            tps = statistics.median(r["tokens_per_s"] for r in ok)
+            mfu = f"{tps * fpt_peak[0] / fpt_peak[1]:.1%}" if fpt_peak else "n/a"
+            ratio = "-" if not ratios else f"{statistics.median(ratios):.2f}x" if i == 0 else "1.00x"
+            out.append(f"| {shape} | {name} | {ok[0]['rows']} | {tps:,.0f} | {mfu} | "
+                       f"{max(r['memory_gib'] for r in ok):.1f} | {ratio} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
