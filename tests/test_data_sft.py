@@ -173,7 +173,8 @@ def segments(row):
 def test_packing_keeps_every_example_once_with_segments_and_restarting_positions(tmp_path, tok):
     records = random_records(300)
     write_json(tmp_path / "a.jsonl", records[:150], jsonl=True)
-    write_json(tmp_path / "b.json", records[150:] + [{"instruction": "x", "output": ""}])
+    # the dropped record sits before others: packing must follow the kept examples, not the records' positions
+    write_json(tmp_path / "b.json", records[150:160] + [{"instruction": "x", "output": ""}] + records[160:])
     rows, summary = build_sft_dataset(tmp_path, tok, max_seq_length=256, num_proc=2)
     unpacked, _ = build_sft_dataset(tmp_path, tok, max_seq_length=256, pack=False)
     assert summary.records == 301 and summary.examples == 300 == len(unpacked)

@@ -303,7 +303,8 @@ def pack_examples(examples: datasets.Dataset, max_seq_length: int, pad_id: int =
     columns = {k: np.zeros((len(rows), max_seq_length), np.int32) for k in ("segment_ids", "positions")}
     columns["input_ids"] = np.full((len(rows), max_seq_length), pad_id, np.int32)
     columns["labels"] = np.full((len(rows), max_seq_length), IGNORE_INDEX, np.int32)
-    table = examples.select_columns(["input_ids", "labels"]).data.table
+    # the examples' own rows: after a filter, `.data.table` still holds the dropped ones (an indices mapping hides them)
+    table = examples.select_columns(["input_ids", "labels"]).flatten_indices(keep_in_memory=True).data.table
     ids_col, labels_col = table.column("input_ids"), table.column("labels")
     for r, members in enumerate(rows):
         start = 0
