@@ -34,7 +34,7 @@ def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_pa
     overrides = [f"base_model={tmp_path / 'base'}", f"corpus_tagged={tagged}", f"work_dir={tmp_path / 'work'}",
                  "max_examples=120", "new_tokens=40", "eval.heldout_lines=10", "eval.test_examples=4",
                  "eval.max_new_tokens=8", *[f"pretrain.{o}" for o in job], *[f"sft.{o}" for o in job],
-                 "sft.data.max_seq_length=512", "compare=[no_extension,normal_init]"]
+                 "sft.data.max_seq_length=512", "compare=[no_extension,normal_init,no_extension_sft]"]
     cfg = load_recipe_config(None, overrides)
     results = run_recipe(cfg)
 
@@ -43,7 +43,8 @@ def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_pa
     assert results["tokens_per_char"]["extended"] < results["tokens_per_char"]["base"]
     assert set(results["bits_per_char"]) == {"base model", "after pre-training", "after SFT",
                                              "after pre-training, without extension",
-                                             "after pre-training, with extension, normal init"}
+                                             "after pre-training, with extension, normal init",
+                                             "after SFT, without extension"}
     assert all(v > 0 for v in results["bits_per_char"].values())
     # the run without extension sees the same characters: more steps, as many as the tokenizers' ratio says
     speed = results["training_speed"]
@@ -55,14 +56,29 @@ def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_pa
     base_rows = transformers.AutoModelForCausalLM.from_pretrained(work / "merged-pretrain-no-extension").config.vocab_size
     assert base_rows == config.vocab_size
     assert len(results["samples"]) == 3
+    # the run without extension, instruction-tuned for as many steps as the main SFT, is scored on the tasks too
+    assert set(results["tasks"]) == {"base model", "after pre-training", "after SFT", "after SFT, without extension"}
+    assert results["tasks"]["after SFT, without extension"]["names"]["examples"] > 0
+    sft_steps = [json.loads(x)["step"] for x in (work / "sft-no-extension" / "metrics.jsonl").read_text().splitlines()]
+    assert max(sft_steps) == 3
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(work / "merged-final-no-extension")
+    assert tuned.config.vocab_size == config.vocab_size
     merged = transformers.AutoModelForCausalLM.from_pretrained(work / "merged-final")
     assert merged.config.vocab_size == len(transformers.AutoTokenizer.from_pretrained(work / "tokenizer"))
     assert json.loads((work / "stages.json").read_text()).keys() == {
         "data", "tokenizer", "resize", "pretrain", "sft", "export", "pretrain-no_extension", "export-no_extension",
-        "resize-normal", "pretrain-normal_init", "export-normal_init"}
+        "resize-normal", "pretrain-normal_init", "export-normal_init", "sft-no_extension", "export-sft-no_extension"}
 
     capsys.readouterr()
     run_recipe(cfg)  # everything cached: only the evaluation runs again
     out = capsys.readouterr().out
-    for stage in ("data", "tokenizer", "resize", "pretrain", "sft", "export", "pretrain-no_extension", "resize-normal"):
+    for stage in ("data", "tokenizer", "resize", "pretrain", "sft", "export", "pretrain-no_extension", "resize-normal",
+                  "sft-no_extension"):
         assert f"[{stage}] cached" in out
+
+
+def test_no_extension_sft_needs_the_no_extension_run():
+    from zhjax.recipe import load_recipe_config
+
+    with pytest.raises(ValueError, match="no_extension_sft tunes the no_extension run"):
+        load_recipe_config(None, ["compare=[no_extension_sft]"])

@@ -19,7 +19,9 @@ Stages (the same library calls the tools make; outputs under `work_dir`):
 bits per character beside the main run: `no_extension` (LoRA + embed/head on the base model with its own
 tokenizer, over the same number of training characters: more steps, since that tokenizer spends more tokens per
 character) and `normal_init` (the same extension with the new rows drawn from a normal distribution instead of
-`subword`). Their training tokens/s and characters/s are reported too.
+`subword`). Their training tokens/s and characters/s are reported too. `no_extension_sft` (with `no_extension`)
+also instruction-tunes the run without extension with the same SFT job and as many steps (its own tokenizer) and
+scores it on the tasks beside the main model.
 
 A stage whose output exists with the same settings is skipped, so a re-run resumes where the last one stopped
 (the training stages also resume from their own checkpoints).
@@ -57,14 +59,14 @@ class RecipeConfig:
     max_examples: int = 3000
     new_tokens: int = 6000
     resize_init: str = "subword"
-    compare: tuple[str, ...] = ()  # extra pre-training runs: "no_extension", "normal_init"
+    compare: tuple[str, ...] = ()  # extra runs: "no_extension", "normal_init", "no_extension_sft"
     seed: int = 0
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-COMPARISONS = ("no_extension", "normal_init")
+COMPARISONS = ("no_extension", "normal_init", "no_extension_sft")
 
 
 def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
@@ -80,6 +82,9 @@ def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
     unknown = [c for c in cfg.compare if c not in COMPARISONS]
     if unknown:
         raise ValueError(f"invalid recipe config {path or ''}: compare {unknown} unknown; expected some of {COMPARISONS}")
+    if "no_extension_sft" in cfg.compare and "no_extension" not in cfg.compare:
+        raise ValueError(f"invalid recipe config {path or ''}: compare no_extension_sft tunes the no_extension run; "
+                         "add no_extension to compare")
     return cfg
 
 
@@ -161,12 +166,16 @@ def run_recipe(cfg: RecipeConfig) -> dict:
 
     runs = {"with extension": (pt_out, work / "tokenizer")}
     extra = {"after pre-training": pt_merged}  # models scored by bits per character beside the main ones
-    for variant in cfg.compare:
+    for variant in (v for v in cfg.compare if v in _VARIANT_NAMES):
         out, model_dir, tokenizer = _compare_run(cfg, variant, pt, stages, work, data)
         runs[_VARIANT_NAMES[variant]] = (out, tokenizer)
         extra[f"after pre-training, {_VARIANT_NAMES[variant]}"] = model_dir
 
-    results = evaluate(cfg, data, work, extra_models={k: v for k, v in extra.items() if k != "after pre-training"})
+    tuned = {}  # further models scored on the tasks too
+    if "no_extension_sft" in cfg.compare:
+        tuned["after SFT, without extension"] = _compare_sft(cfg, sft, stages, work)
+    results = evaluate(cfg, data, work, extra_models={k: v for k, v in extra.items() if k != "after pre-training"},
+                       tuned_models=tuned)
     results["training_speed"] = {name: _training_speed(out, tokenizer, data) for name, (out, tokenizer) in runs.items()}
     results["wall_seconds"] = time.perf_counter() - t0
     (work / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -209,6 +218,23 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
     return out, merged, tokenizer
 
 
+def _compare_sft(cfg: RecipeConfig, sft, stages: Stages, work: Path) -> Path:
+    """The main run's SFT job on the pre-training run without extension (base model and tokenizer) for as many steps
+    as the main SFT took (the same compute; its own tokenizer packs fewer examples per step), merged."""
+    from zhjax.convert.merge import merge_adapters
+    from zhjax.train.trainer import train
+
+    base, pt_out = Path(cfg.base_model), work / "pretrain-no-extension"
+    out, merged = work / "sft-no-extension", work / "merged-final-no-extension"
+    job = dataclasses.replace(sft, init_from=str(base), tokenizer=str(base), adapters_from=str(pt_out),
+                              output_dir=str(out), max_steps=_trained_steps(work / "sft"))
+    stages.run("sft-no_extension", {"job": _jsonable(job), "pt": stages.done.get("pretrain-no_extension")},
+               lambda: train(job, "sft"))
+    stages.run("export-sft-no_extension", {"sft": stages.done.get("sft-no_extension")},
+               lambda: merge_adapters(base, [pt_out / "adapter", out / "adapter"], merged, dtype="float32"))
+    return merged
+
+
 def _tokens_per_char(tokenizer_dir: Path, data: Path, lines: int = 2000) -> float:
     """Tokens per character of the first `lines` lines of the training text."""
     from transformers import AutoTokenizer
@@ -227,11 +253,19 @@ def _training_speed(out: Path, tokenizer: Path, data: Path) -> dict:
     rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
     tps = statistics.median(rates[1:] or rates) if rates else float("nan")
     return {"tokens_per_second": tps, "characters_per_second": tps / _tokens_per_char(tokenizer, data),
-            "steps": max((r["step"] for r in records if "loss" in r), default=0)}
+            "steps": _trained_steps(out)}
 
 
-def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | None = None) -> dict:
-    """The results table's numbers, computed with `transformers` on the exported models."""
+def _trained_steps(out: Path) -> int:
+    """The last step a training run logged (it always logs its final step)."""
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    return max((r["step"] for r in records if "loss" in r), default=0)
+
+
+def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | None = None,
+             tuned_models: dict | None = None) -> dict:
+    """The results table's numbers, computed with `transformers` on the exported models: `extra_models` get bits
+    per character only, `tuned_models` the task scores too."""
     from transformers import AutoTokenizer
 
     from zhjax.data.instructions import NAMES_INSTRUCTION, aggregate_scores, score_names, score_segmentation
@@ -250,7 +284,7 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | Non
     prompts = [render_prompt("alpaca", join_instruction(x["instruction"], x["input"])) for x in examples]
     # the pre-training comparisons (`extra_models`) get bits per character only
     models = {"base model": cfg.base_model, "after pre-training": work / "merged-pretrain", **(extra_models or {}),
-              "after SFT": work / "merged-final"}
+              "after SFT": work / "merged-final", **(tuned_models or {})}
     bpc, tasks, answers = {}, {}, {}
     for name, path in models.items():
         model, tok = load_hf(str(path))
