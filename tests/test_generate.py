@@ -33,7 +33,7 @@ from zhjax.infer.sampling import (  # noqa: E402
     candidate_logits,
     make_knobs,
 )
-from zhjax.model.decode import decode, decode_logits, decode_weights, init_kv_cache  # noqa: E402
+from zhjax.model.decode import decode, decode_logits, decode_weights, dense, init_kv_cache  # noqa: E402
 from zhjax.model.llama import LlamaForCausalLM  # noqa: E402
 
 MIXED_PROMPTS = [
@@ -273,6 +273,32 @@ def test_decode_layout_and_cache_give_the_forward_pass_logits(unstack):
     got = np.asarray(jnp.concatenate(got, axis=1))
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(got[real], np.asarray(expected)[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_is_x_times_w_transposed_at_every_row_count(rows, dtype):
+    """`dense` takes a broadcast multiply-sum for 2-32 rows on CPU and a matmul otherwise: both give x @ w.T + b
+    of the inputs rounded to `dtype`, with a wide enough sum that 1024 products of 1.0 come to 1024 in bfloat16
+    (a running sum kept in bfloat16 would stop at 256)."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((1, rows, 1024)).astype(np.float32)
+    w = rng.standard_normal((48, 1024)).astype(np.float32)
+    b = rng.standard_normal(48).astype(np.float32)
+    fn = jax.jit(dense, static_argnums=3)
+    got = np.asarray(fn(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), dtype).astype(jnp.float32))
+
+    rounded = lambda a: np.asarray(jnp.asarray(a).astype(dtype).astype(jnp.float32), np.float64)
+    expected = rounded(x) @ rounded(w).T + rounded(b)
+    tol = 1e-4 if dtype == "float32" else 1e-2
+    assert got.shape == (1, rows, 48)
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * 30)
+    ones = fn(jnp.ones((rows, 1024)), jnp.ones((4, 1024)), None, dtype)
+    assert np.all(np.asarray(ones.astype(jnp.float32)) == 1024.0)
+
+    jaxpr = str(jax.make_jaxpr(dense, static_argnums=3)(jnp.asarray(x), jnp.asarray(w), None, dtype))
+    broadcast = 2 <= rows <= 32 and jax.default_backend() == "cpu"
+    assert ("dot_general" in jaxpr) != broadcast and ("reduce_sum" in jaxpr) == broadcast
 
 
 def test_adapter_applied_by_the_cli_equals_the_unmerged_lora_model(tmp_path):

@@ -11,7 +11,10 @@ separate kernel. `decode_weights` therefore prepares, once per model:
   input read better as one;
 - every kernel stored `[out, in]` (PyTorch's layout) and applied as `W @ x^T`: for the few rows of a decode
   step, XLA:CPU's matmul library runs that orientation faster than `x @ W` with `W` `[in, out]` (measured on a
-  2-core CPU: the batch-8 step's matmuls take about a fifth less time, batch 1 a few percent);
+  2-core CPU: the batch-8 step's matmuls take about a fifth less time, batch 1 a few percent). On CPU, 2 to 32
+  rows skip the matmul library altogether: `dense` multiplies each weight into all rows in one fused loop, which
+  reads the weights once where the library reads them about twice (SmolLM2's batch-8 step: 18-19 ms of weight
+  products instead of 28);
 - on CPU, the layers one by one as zero-copy views of stacked arrays (`unstack=True`): inside `lax.scan`,
   XLA:CPU copies each step's slice of the stacked weights before the matmuls, so a step that should read each
   weight once reads it three times. Elsewhere the layers stay stacked and are scanned.
@@ -155,11 +158,29 @@ def cached_attention(q, k, v, mask, kv: tuple[jax.Array, jax.Array], cache_index
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype), (k_cache, v_cache)
 
 
+# On CPU, products with this many rows (2 to 32: a decode step of a small batch) run as a broadcast multiply and
+# a sum over the input axis instead of a matmul (see `dense`).
+CPU_BROADCAST_ROWS = (2, 32)
+
+
 def dense(x: jax.Array, w: jax.Array, bias: jax.Array | None, dtype, *, preferred_element_type=None) -> jax.Array:
-    """`x @ w.T (+ bias)` in `dtype` for a kernel `w` stored `[out, in]`, computed as `(w @ x^T)^T` over the
-    rows of `x` flattened (the orientation that is faster for few rows; see the module docstring)."""
+    """`x @ w.T (+ bias)` in `dtype` for a kernel `w` stored `[out, in]`, computed over the rows of `x` flattened.
+
+    Usually as the matmul `(w @ x^T)^T` (the orientation that is faster for few rows; see the module docstring).
+    On CPU with 2 to 32 rows, as `sum_k w[o, k] * x^T[k, :]`: one fused loop that reads each weight once and
+    multiplies it into the rows side by side, in float32 whatever `dtype` (a matmul accumulates in float32 too).
+    XLA:CPU's matmul library reads the weights more than once for so few rows: on a 2-core CPU the weight
+    products of SmolLM2's batch-8 decode step take 18-19 ms this way against 28 ms as matmuls (batch 2 to 32 all
+    gain; 64 rows lose). One row stays a matmul (a matrix-vector product already reads the weights once; the
+    fused loop is 40x slower there).
+    """
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)
-    y = jnp.matmul(w.astype(dtype), rows.T, preferred_element_type=preferred_element_type)
+    n = rows.shape[0]
+    if CPU_BROADCAST_ROWS[0] <= n <= CPU_BROADCAST_ROWS[1] and jax.default_backend() == "cpu":
+        products = w.astype(jnp.float32)[:, :, None] * rows.T.astype(jnp.float32)[None]  # [out, in, rows]
+        y = jnp.sum(products, axis=1).astype(preferred_element_type or dtype)
+    else:
+        y = jnp.matmul(w.astype(dtype), rows.T, preferred_element_type=preferred_element_type)
     y = y.T.reshape(*x.shape[:-1], w.shape[0])
     return y if bias is None else y + bias.astype(dtype)
 
