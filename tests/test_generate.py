@@ -293,6 +293,11 @@ def test_dense_is_x_times_w_transposed_at_every_row_count(rows, dtype):
     tol = 1e-4 if dtype == "float32" else 1e-2
     assert got.shape == (1, rows, 48)
     np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * 30)
+    # float32 out (as the tied LM head asks): the exact products of the rounded inputs, summed in float32
+    wide = jax.jit(lambda x, w, b: dense(x, w, b, dtype, preferred_element_type=jnp.float32))
+    got = np.asarray(wide(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b)))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     ones = fn(jnp.ones((rows, 1024)), jnp.ones((4, 1024)), None, dtype)
     assert np.all(np.asarray(ones.astype(jnp.float32)) == 1024.0)
 

@@ -163,12 +163,23 @@ def cached_attention(q, k, v, mask, kv: tuple[jax.Array, jax.Array], cache_index
 CPU_BROADCAST_ROWS = (2, 32)
 
 
+def _in_float32(a: jax.Array, dtype) -> jax.Array:
+    """`a` rounded to `dtype`, held in float32. `reduce_precision`, not a round trip through `dtype`: XLA may
+    drop a convert pair (excess precision is allowed by default), which would leave the values unrounded."""
+    a = a.astype(jnp.float32)
+    info = jnp.finfo(dtype)
+    if info.bits >= 32:
+        return a
+    return jax.lax.reduce_precision(a, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 def dense(x: jax.Array, w: jax.Array, bias: jax.Array | None, dtype, *, preferred_element_type=None) -> jax.Array:
     """`x @ w.T (+ bias)` in `dtype` for a kernel `w` stored `[out, in]`, computed over the rows of `x` flattened.
 
     Usually as the matmul `(w @ x^T)^T` (the orientation that is faster for few rows; see the module docstring).
     On CPU with 2 to 32 rows, as `sum_k w[o, k] * x^T[k, :]`: one fused loop that reads each weight once and
-    multiplies it into the rows side by side, in float32 whatever `dtype` (a matmul accumulates in float32 too).
+    multiplies it into the rows side by side: the inputs rounded to `dtype`, their products and sum in float32
+    (as a matmul accumulates).
     XLA:CPU's matmul library reads the weights more than once for so few rows: on a 2-core CPU the weight
     products of SmolLM2's batch-8 decode step take 18-19 ms this way against 28 ms as matmuls (batch 2 to 32 all
     gain; 64 rows lose). One row stays a matmul (a matrix-vector product already reads the weights once; the
@@ -177,7 +188,7 @@ def dense(x: jax.Array, w: jax.Array, bias: jax.Array | None, dtype, *, preferre
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)
     n = rows.shape[0]
     if CPU_BROADCAST_ROWS[0] <= n <= CPU_BROADCAST_ROWS[1] and jax.default_backend() == "cpu":
-        products = w.astype(jnp.float32)[:, :, None] * rows.T.astype(jnp.float32)[None]  # [out, in, rows]
+        products = _in_float32(w, dtype)[:, :, None] * _in_float32(rows.T, dtype)[None]  # fused: never in memory
         y = jnp.sum(products, axis=1).astype(preferred_element_type or dtype)
     else:
         y = jnp.matmul(w.astype(dtype), rows.T, preferred_element_type=preferred_element_type)
