@@ -14,9 +14,9 @@ batch-1 decode speed is printed as a fraction of that bound.
 
 The last column is each system's matmuls alone: the same weight products a decode step runs (zhjax's fused
 layout through XLA with its own `dense`, which at 2-32 rows is a fused multiply-sum rather than a matmul call;
-transformers' `nn.Linear` weights through PyTorch), chained with nothing else, timed in the same interleaved runs. The gap between a system's step and its matmuls is everything else (attention over the
-cache, norms, sampling, framework overhead); the matmuls are the floor a system cannot go below without faster
-matmuls.
+transformers' `nn.Linear` weights through PyTorch), chained with nothing else, timed in the same interleaved
+runs. The gap between a system's step and its matmuls is everything else (attention over the cache, norms,
+sampling, framework overhead); the matmuls are the floor a system cannot go below without faster matmuls.
 """
 
 from __future__ import annotations
