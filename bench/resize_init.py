@@ -5,7 +5,9 @@
 
 Issue 3, point 4. SmolLM2's byte-level BPE is extended with `--new-tokens` Chinese tokens learned on the first
 `--train-lines` paragraphs of the corpus (`zhjax.tokenizer.bpe`, as `tools/merge_tokenizers.py --kind bpe`
-does), the model is grown with each init (`zhjax.tokenizer.resize_model.resize_model`), and the zhjax model
+does), the model is grown with each init (`zhjax.tokenizer.resize_model.resize_model`; `distill`, which fits the
+new rows to the base model on those paragraphs and unties the head, through `resize_hf_checkpoint` as the recipe
+and `tools/resize_model.py` do, timed), and the zhjax model
 (fp32) scores the last `--eval-lines` paragraphs, which the merges never saw. Every token is predicted, the first
 from BOS; the summed loss is divided by the characters, so tokenizers compare. No training happens: this is
 where continued pre-training starts from. The base tokenizer's row is the unextended model, for reference.
@@ -27,7 +29,7 @@ from transformers import AutoTokenizer
 import zhjax
 from zhjax.tokenizer.bpe import extend_bpe_tokenizer
 from zhjax.tokenizer.resize import INITS, subword_source_ids
-from zhjax.tokenizer.resize_model import resize_model
+from zhjax.tokenizer.resize_model import resize_hf_checkpoint, resize_model
 
 
 def summed_nll(model, tokenizer, lines: list[str], batch_size: int, bucket: int = 64) -> tuple[float, int]:
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--eval-lines", type=int, default=100, help="held-out paragraphs (from the corpus's end)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-distill", action="store_true", help="leave out the distill init (minutes on a CPU)")
     parser.add_argument("--work", default="outputs/bench_resize_init", help="where the extended tokenizer goes")
     args = parser.parse_args()
     corpus = args.corpus
@@ -98,12 +101,19 @@ def main() -> None:
         nll, tokens = summed_nll(grown, new_tok, held_out, args.batch)
         results.append((f"extended + {init} init", tokens, nll))
     elapsed = time.perf_counter() - t0
+    if not args.skip_distill:
+        fit_start = time.perf_counter()
+        out = resize_hf_checkpoint(args.model, ext.out_dir, work / "distill", "distill", seed=args.seed,
+                                   sample_files=[work / "train.txt"])
+        fit_seconds = time.perf_counter() - fit_start
+        nll, tokens = summed_nll(zhjax.load_pretrained(out.out_dir, dtype="float32"), new_tok, held_out, args.batch)
+        results.append((f"extended + distill init ({fit_seconds:.0f}s fit)", tokens, nll))
 
     print(f"\nheld-out: {len(held_out)} paragraphs, {chars} characters (last paragraphs of {corpus}); "
-          f"model {args.model}, zhjax fp32, {jax.devices()[0].platform}, {elapsed:.0f}s for the 4 passes")
-    print(f"{'tokenizer / init':<28}{'tokens/char':>12}{'nats/char':>11}{'bits/char':>11}{'nats/token':>12}")
+          f"model {args.model}, zhjax fp32, {jax.devices()[0].platform}, {elapsed:.0f}s for the first 4 passes")
+    print(f"{'tokenizer / init':<40}{'tokens/char':>12}{'nats/char':>11}{'bits/char':>11}{'nats/token':>12}")
     for name, tokens, nll in results:
-        print(f"{name:<28}{tokens / chars:>12.3f}{nll / chars:>11.3f}{nll / chars / math.log(2):>11.3f}"
+        print(f"{name:<40}{tokens / chars:>12.3f}{nll / chars:>11.3f}{nll / chars / math.log(2):>11.3f}"
               f"{nll / tokens:>12.3f}")
 
 

@@ -182,6 +182,11 @@ def test_tool_resizes_and_reports(base_dir, tokenizers_dirs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vocab 400 -> 460 (60 new rows, init mean" in out
     assert zhjax.load_pretrained(tmp_path / "out", "float32").config.vocab_size == 460
-    assert resize_tool([*argv[:2], "--tokenizer", str(base_dir), "--out", str(tmp_path / "x")]) == 0
+    assert resize_tool([*argv[:2], "--tokenizer", str(base_dir), "--out", str(tmp_path / "x"), "--init", "subword"]) == 0
     assert resize_tool(["--base", str(tmp_path / "missing"), *argv[2:]]) == 1
     assert "resize_model:" in capsys.readouterr().err
+    # the default init fits the new rows on training text: without it, one line says so and nothing is written
+    assert resize_tool([*argv[:4], "--out", str(tmp_path / "y")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("resize_model: init='distill'") and "--sample-file" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "y").exists()

@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class BitsPerChar:
@@ -60,9 +62,42 @@ def bits_per_character(model, tokenizer, lines: Sequence[str], *, batch_size: in
                        total_chars, total_tokens)
 
 
-def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
-    """Greedy answers (transformers `generate`, left padding), stopping at EOS."""
+def utf8_logits_processor(tokenizer, vocab_size: int):
+    """A `transformers` logits processor that masks tokens whose bytes could never complete a UTF-8 character
+    (`zhjax.tokenizer.utf8`), so greedy answers hold no U+FFFD."""
     import torch
+    from transformers import LogitsProcessor
+
+    from zhjax.tokenizer.utf8 import Utf8Constraint
+
+    table = Utf8Constraint.from_tokenizer(tokenizer, vocab_size)
+    allowed = torch.from_numpy(table.allowed)
+    next_state = torch.from_numpy(table.next_state.astype(np.int64))
+
+    class Utf8Processor(LogitsProcessor):
+        def __init__(self):
+            self.state, self.seen = None, 0
+
+        def __call__(self, input_ids, scores):
+            if self.state is None or input_ids.shape[1] < self.seen:  # a new batch: states of the prompts
+                self.state = torch.tensor([table.state_after(row.tolist()) for row in input_ids])
+            else:
+                last = input_ids[:, -1]
+                self.state = next_state[self.state, last]
+            self.seen = input_ids.shape[1]
+            mask = allowed[self.state, : scores.shape[-1]]
+            return scores.masked_fill(~mask, float("-inf"))
+
+    return Utf8Processor()
+
+
+def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8,
+                     complete_characters: bool = True) -> list[str]:
+    """Greedy answers (transformers `generate`, left padding), stopping at EOS. With `complete_characters` no
+    token may leave bytes that cannot complete a UTF-8 character (`utf8_logits_processor`), and an answer cut by
+    `max_new_tokens` inside a character drops that character's first bytes."""
+    import torch
+    from transformers import LogitsProcessorList
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -70,11 +105,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+        processors = LogitsProcessorList(
+            [utf8_logits_processor(tokenizer, model.config.vocab_size)] if complete_characters else []
+        )
         with torch.no_grad():
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, logits_processor=processors)
         for row in gen[:, batch["input_ids"].shape[1] :]:
-            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            out.append((text.rstrip("\ufffd") if complete_characters else text).strip())
     return out
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhjax.config import PretrainConfig, SFTConfig
+from zhjax.tokenizer.transfer import TransferConfig
 
 
 @dataclass
@@ -58,8 +59,15 @@ class RecipeConfig:
     work_dir: str = "outputs/smollm2-zh-demo"
     max_examples: int = 3000
     new_tokens: int = 6000
-    resize_init: str = "subword"
+    resize_init: str = "distill"
+    transfer: TransferConfig = field(default_factory=TransferConfig)  # sizes of the distill init's fit
     compare: tuple[str, ...] = ()  # extra runs: "no_extension", "normal_init", "no_extension_sft"
+    # the no_extension run trains on as many characters as the main run ("characters": more steps, since the base
+    # tokenizer spends more tokens per character) or for as many steps, i.e. the same compute ("steps")
+    no_extension_budget: str = "characters"
+    # held-out bits per character during pre-training, every `eval_steps`, on this many validation paragraphs,
+    # for the main run and the comparison runs, drawn into work_dir/learning_curves.png (0: off)
+    curve_lines: int = 0
     seed: int = 0
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -82,6 +90,17 @@ def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
     unknown = [c for c in cfg.compare if c not in COMPARISONS]
     if unknown:
         raise ValueError(f"invalid recipe config {path or ''}: compare {unknown} unknown; expected some of {COMPARISONS}")
+    if cfg.no_extension_budget not in ("characters", "steps"):
+        raise ValueError(f"invalid recipe config {path or ''}: no_extension_budget {cfg.no_extension_budget!r}; "
+                         "expected 'characters' or 'steps'")
+    from zhjax.tokenizer.resize_model import ALL_INITS
+
+    if cfg.resize_init not in ALL_INITS:
+        raise ValueError(f"invalid recipe config {path or ''}: resize_init {cfg.resize_init!r}; expected one of "
+                         f"{ALL_INITS}")
+    if cfg.curve_lines and cfg.pretrain.eval_steps <= 0:
+        raise ValueError(f"invalid recipe config {path or ''}: curve_lines {cfg.curve_lines} needs "
+                         "pretrain.eval_steps > 0 (the curve is scored every eval_steps)")
     if "no_extension_sft" in cfg.compare and "no_extension" not in cfg.compare:
         raise ValueError(f"invalid recipe config {path or ''}: compare no_extension_sft tunes the no_extension run; "
                          "add no_extension to compare")
@@ -138,14 +157,25 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     def resize():
         from zhjax.tokenizer.resize_model import resize_hf_checkpoint
 
-        print(resize_hf_checkpoint(cfg.base_model, tok, base_zh, init=cfg.resize_init, seed=cfg.seed))
+        result = resize_hf_checkpoint(cfg.base_model, tok, base_zh, init=cfg.resize_init, seed=cfg.seed,
+                                      sample_files=[data / "text" / "train.txt"],
+                                      transfer=dataclasses.replace(cfg.transfer, seed=cfg.seed))
+        print(_describe_resize(result))
 
-    stages.run("resize", {"init": cfg.resize_init, "tok": stages.done.get("tokenizer")}, resize)
+    transfer_key = _jsonable(cfg.transfer) if cfg.resize_init == "distill" else None
+    stages.run("resize", {"init": cfg.resize_init, "tok": stages.done.get("tokenizer"), "transfer": transfer_key},
+               resize)
 
+    validation = data / "text" / "validation.txt"
+    if cfg.curve_lines:  # a fixed held-out slice scored every eval_steps: the learning curves
+        validation = data / "text" / "curve.txt"
+        heldout = [x for x in (data / "text" / "validation.txt").read_text(encoding="utf-8").splitlines() if x]
+        validation.write_text("\n".join(heldout[: cfg.curve_lines]) + "\n", encoding="utf-8")
     pt = dataclasses.replace(
         cfg.pretrain, init_from=str(base_zh), tokenizer=str(tok), output_dir=str(pt_out),
         data=dataclasses.replace(cfg.pretrain.data, train_files=[str(data / "text" / "train.txt")],
-                                 validation_files=[str(data / "text" / "validation.txt")]),
+                                 validation_files=[str(validation)]),
+        max_eval_batches=None if cfg.curve_lines else cfg.pretrain.max_eval_batches,
     )
     stages.run("pretrain", {"job": _jsonable(pt), "base": stages.done.get("resize")}, lambda: train(pt, "pretrain"))
 
@@ -177,10 +207,33 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     results = evaluate(cfg, data, work, extra_models={k: v for k, v in extra.items() if k != "after pre-training"},
                        tuned_models=tuned)
     results["training_speed"] = {name: _training_speed(out, tokenizer, data) for name, (out, tokenizer) in runs.items()}
+    if cfg.curve_lines:
+        from zhjax.recipe_curves import draw_learning_curves, learning_curve
+
+        curves = {name: learning_curve(out, tokenizer, data, cfg.pretrain.per_device_train_batch_size
+                                       * cfg.pretrain.data.block_size)
+                  for name, (out, tokenizer) in runs.items()}
+        if "without extension" in curves:  # its step-0 score is the base model's (LoRA starts at zero)
+            curves["base model"] = {"bits_per_char": curves["without extension"]["bits_per_char"][:1]}
+        results["learning_curves"] = curves
+        print(f"learning curves: {draw_learning_curves(curves, work / 'learning_curves.png')}")
     results["wall_seconds"] = time.perf_counter() - t0
     (work / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     print(format_results(results))
     return results
+
+
+def _describe_resize(result) -> str:
+    """One line on what the resize stage wrote (and, for `distill`, what the fit achieved on its sample)."""
+    layout = "tied" if result.tied else "untied embed_tokens and lm_head"
+    line = (f"{result.out_dir}: vocab {result.old_vocab_size} -> {result.new_vocab_size}, init {result.init}, "
+            f"{layout}")
+    t = result.transfer
+    if t is not None:
+        line += (f"; fitted on {t.chunks} sample chunks ({t.positions} positions) in {t.seconds:.0f} s: KL to the base "
+                 f"{t.input_kl[0]:.3f} -> {t.input_kl[1]:.3f} nats, next-token loss {t.output_nll[0]:.3f} -> "
+                 f"{t.output_nll[1]:.3f} nats")
+    return line
 
 
 _VARIANT_NAMES = {"no_extension": "without extension", "normal_init": "with extension, normal init"}
@@ -205,7 +258,8 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
     else:
         base = tokenizer = Path(cfg.base_model)
         job = dataclasses.replace(pt, init_from=str(base), tokenizer=str(base), output_dir=str(out))
-        if pt.max_steps > 0:  # the same training characters as the main run: the base tokenizer needs more tokens
+        if pt.max_steps > 0 and cfg.no_extension_budget == "characters":
+            # the same training characters as the main run: the base tokenizer needs more tokens
             ratio = _tokens_per_char(base, data) / _tokens_per_char(work / "tokenizer", data)
             job = dataclasses.replace(job, max_steps=max(1, round(pt.max_steps * ratio)))
             print(f"[pretrain-{variant}] {job.max_steps} steps for the main run's {pt.max_steps}: the base tokenizer "

@@ -260,7 +260,12 @@ class LlamaForCausalLM(nnx.Module):
         else:
             mask = build_attention_mask(attention_mask, segment_ids)
         h = self.embed_tokens(input_ids).astype(jnp.dtype(self.config.dtype))
+        return self.norm(self.run_layers(h, cos, sin, mask, dropout_rng=dropout_rng))
 
+    def run_layers(self, h, cos, sin, mask, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The decoder layers (scanned, rematerialised as configured) over input vectors `h` `[batch, seq,
+        hidden]`; returns the residual stream before the final norm. `hidden_states` is `norm(run_layers(embed))`;
+        the vocabulary transfer calls it on embeddings it is fitting."""
         graphdef, layer_state = nnx.split(self.layers)
         use_dropout = dropout_rng is not None
 
@@ -274,7 +279,7 @@ class LlamaForCausalLM(nnx.Module):
             body = jax.checkpoint(body, policy=remat_policy(self.config), prevent_cse=False)
         idx = jnp.arange(self.config.num_hidden_layers)
         h, _ = jax.lax.scan(body, h, (layer_state, idx))
-        return self.norm(h)
+        return h
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Apply the LM head (the tied embedding when `tie_word_embeddings`); float32 logits."""

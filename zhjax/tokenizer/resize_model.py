@@ -10,8 +10,11 @@
 - `resize_model(model, new_vocab_size, init, source_ids, seed)` does the same to a zhjax model in memory and
   returns a new model (its config's `vocab_size` updated); the input model is left as it was.
 
-In both, the old rows are copied bit for bit, so the logits of the old tokens are unchanged by a resize. A tied
-model stays tied: its one matrix is grown once and serves as embedding and head. An untied head is grown with
+In both, the old rows are copied bit for bit, so the logits of the old tokens are unchanged by a resize. With
+`normal`, `mean` and `subword` a tied model stays tied: its one matrix is grown once and serves as embedding and
+head. With `distill` (`zhjax.tokenizer.transfer`: new rows fitted to the frozen base model on sample text) the
+grown model is always untied: a tied base gets its own `lm_head` (old rows copied from the embedding), because a
+new token's input and output rows want different vectors. An untied head is grown with
 the same init rule, applied to the head's own rows in HF's `[V, D]` layout (for `subword`, the mean of the
 *head* rows of the base pieces), with its own random draws (`seed + 1`) for `normal` and `mean`.
 
@@ -35,8 +38,11 @@ from flax import nnx
 from zhjax.convert.hf import CheckpointReader, hf_tensor_names, read_config, write_hf_dir
 from zhjax.tokenizer.guards import load_tokenizer, tokenizer_vocab_size
 from zhjax.tokenizer.resize import INITS, resize_embedding, subword_source_ids
+from zhjax.tokenizer.transfer import TransferConfig, transfer_rows
 
-__all__ = ["ResizeResult", "check_extends", "resize_hf_checkpoint", "resize_model"]
+__all__ = ["ALL_INITS", "ResizeResult", "check_extends", "read_sample_lines", "resize_hf_checkpoint", "resize_model"]
+
+ALL_INITS = (*INITS, "distill")
 
 EMBED_PATH = ("embed_tokens", "embedding")
 HEAD_PATH = ("lm_head", "kernel")
@@ -50,8 +56,9 @@ class ResizeResult:
     old_vocab_size: int
     new_vocab_size: int
     init: str
-    tied: bool
+    tied: bool  # whether the written model ties embed_tokens and lm_head
     resized: tuple[str, ...]
+    transfer: Any = None  # the `TransferResult` of a `distill` resize
 
 
 def _vocab(tokenizer: Any) -> dict[str, int]:
@@ -106,7 +113,29 @@ def check_extends(base_tokenizer: Any, new_tokenizer: Any, model_vocab_size: int
 
 
 def _source_ids(init: str, base_tokenizer: Any, new_tokenizer: Any, old_vocab: int) -> list[list[int]] | None:
-    return subword_source_ids(base_tokenizer, new_tokenizer, old_vocab) if init == "subword" else None
+    needs = init in ("subword", "distill")
+    return subword_source_ids(base_tokenizer, new_tokenizer, old_vocab) if needs else None
+
+
+def read_sample_lines(files: Sequence[str | Path]) -> list[str]:
+    """The non-empty lines of the sample text files of a `distill` resize (UTF-8); a clear error when there are
+    none or a file is missing."""
+    if not files:
+        raise ValueError("init='distill' fits the new rows to the base model on sample text: pass sample files "
+                         "(training text, one paragraph per line; tools/resize_model.py --sample-file)")
+    lines = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise FileNotFoundError(f"sample file {path}: not found")
+        try:
+            lines += [x.strip() for x in path.read_text(encoding="utf-8-sig").splitlines() if x.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"sample file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not lines:
+        raise ValueError(f"sample files {', '.join(map(str, files))}: no non-empty line; the distill init needs "
+                         "training text to fit the new rows on")
+    return lines
 
 
 def resize_hf_checkpoint(
@@ -118,21 +147,24 @@ def resize_hf_checkpoint(
     *,
     base_tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    sample_files: Sequence[str | Path] | None = None,
+    transfer: TransferConfig | None = None,
 ) -> ResizeResult:
     """Write `out_dir`: the HF model of `base_dir` grown to the tokenizer of `new_tokenizer_dir`.
 
-    `init` is "normal", "mean" or "subword" (see `zhjax.tokenizer.resize`); `seed` makes the first two
-    reproducible. The base tokenizer (for the extension check and the subword pieces) is read from
+    `init` is "normal", "mean" or "subword" (see `zhjax.tokenizer.resize`) or "distill" (new rows fitted to the
+    base model on the text of `sample_files`, with `transfer`'s sizes; the output is untied, see
+    `zhjax.tokenizer.transfer`); `seed` makes every init reproducible. The base tokenizer (for the extension check and the subword pieces) is read from
     `base_tokenizer_dir`, by default `base_dir`. Tensors stream from the base's safetensors (or `.bin`) files
     into sharded safetensors; `out_dir` appears only when complete.
 
     Raises:
-        ValueError: unknown init, `out_dir` equal to `base_dir`, or a new tokenizer that does not extend the
-            base (see `check_extends`).
+        ValueError: unknown init, `out_dir` equal to `base_dir`, a new tokenizer that does not extend the
+            base (see `check_extends`), or `distill` without sample text.
         ConversionError: an unreadable checkpoint, or an untied model without its `lm_head` tensor.
     """
-    if init not in INITS:
-        raise ValueError(f"init={init!r}: expected one of {INITS}")
+    if init not in ALL_INITS:
+        raise ValueError(f"init={init!r}: expected one of {ALL_INITS}")
     base_dir = Path(base_dir)
     if Path(out_dir).resolve() == base_dir.resolve():
         raise ValueError(f"out_dir {out_dir} is the base dir: the base is read while the output is written")
@@ -145,6 +177,7 @@ def resize_hf_checkpoint(
         where=f"base {base_tokenizer_dir or base_dir}, new tokenizer {new_tokenizer_dir}",
     )
     new_vocab = tokenizer_vocab_size(new_tok)
+    lines = read_sample_lines(sample_files or ()) if init == "distill" else None  # refuse before any work
     sources = _source_ids(init, base_tok, new_tok, old_vocab)
 
     reader = CheckpointReader(base_dir)
@@ -157,14 +190,29 @@ def resize_hf_checkpoint(
     for name in to_resize:
         reader.get(name, (old_vocab, config.hidden_size))  # fail before writing anything
 
+    fitted = None
+    if init == "distill":
+        from zhjax.convert.hf import load_params
+
+        model = load_params(base_dir, config.replace(dtype="float32", param_dtype="float32"), None)
+        fitted = transfer_rows(model, base_tok, new_tok, sources, lines, transfer or TransferConfig(seed=seed))
+        del model
+    tied_out = config.tie_word_embeddings and fitted is None
+
+    def grown(name: str, arr: np.ndarray) -> np.ndarray:
+        if fitted is None:
+            return resize_embedding(np.asarray(arr), new_vocab, init, source_ids=sources, rng_seed=seeds[name])
+        rows = fitted.embed_rows if name == embed_name else fitted.head_rows
+        return np.concatenate([np.asarray(arr), rows.astype(arr.dtype)])
+
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for name in reader.where:
             arr = reader.get(name)
-            if name in to_resize:
-                arr = resize_embedding(np.asarray(arr), new_vocab, init, source_ids=sources, rng_seed=seeds[name])
-            yield name, arr
+            yield name, grown(name, arr) if name in to_resize else arr
+        if not tied_out and head_name not in reader.where:  # untie: the head starts as a copy of the embedding
+            yield head_name, grown(head_name, reader.get(embed_name))
 
-    config_json = {**raw, "vocab_size": new_vocab}
+    config_json = {**raw, "vocab_size": new_vocab, "tie_word_embeddings": tied_out}
     generation = base_dir / "generation_config.json"
     written = write_hf_dir(
         tensors(),
@@ -174,7 +222,8 @@ def resize_hf_checkpoint(
         tokenizer_dir=new_tokenizer_dir,
         max_shard_bytes=max_shard_bytes,
     )
-    return ResizeResult(written, old_vocab, new_vocab, init, config.tie_word_embeddings, tuple(to_resize))
+    resized = tuple(to_resize) + (() if tied_out or head_name in to_resize else (head_name,))
+    return ResizeResult(written, old_vocab, new_vocab, init, tied_out, resized, fitted)
 
 
 def _grow(value: jax.Array, new_vocab: int, init: str, sources, seed: int, *, transposed: bool) -> jax.Array:

@@ -212,6 +212,9 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     last_saved = latest
     losses, window_tokens, window_start = [], 0.0, time.perf_counter()
     step = start_step
+    if cfg.eval_steps > 0 and start_step == 0 and data.has_eval:  # where training starts, for learning curves
+        logger.log({"step": 0, **evaluate(eval_fn, trainable, frozen, data, cfg.max_eval_batches)})
+        window_start = time.perf_counter()
     for step in logger.progress(range(start_step, total_steps), initial=start_step, total=total_steps):
         batch = data.next_train_batch()
         trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng, step)
@@ -247,7 +250,9 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
             logger.log(record)
             window_tokens, window_start = 0.0, time.perf_counter()
         if cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == total_steps) and data.has_eval:
+            eval_start = time.perf_counter()
             logger.log({"step": done, **evaluate(eval_fn, trainable, frozen, data, cfg.max_eval_batches)})
+            window_start += time.perf_counter() - eval_start  # evaluation is not training time
         if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total_steps:
             logger.flush()  # the records so far are uploaded with this save
             save(ckpt, done, trainable, opt_state, frozen, graphdef, data, cfg, out, is_main)

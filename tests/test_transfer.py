@@ -1,0 +1,148 @@
+"""The distill transfer init (zhjax.tokenizer.transfer via resize_hf_checkpoint(init="distill")) on a tiny random
+LLaMA, tied and untied, with the bundled tiny byte-level BPE extended by 60 Chinese tokens.
+
+References: `transformers` builds the base and loads the resized dir; the comparison is against the base model's
+own predictions under its own tokenizer, aligned by byte offsets, so nothing here is computed by the code under
+test alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from tests.test_resize_model import CHINESE, OLD_VOCAB, make_hf_model
+from zhjax.tokenizer.bpe import extend_bpe_tokenizer
+from zhjax.tokenizer.resize_model import resize_hf_checkpoint
+from zhjax.tokenizer.transfer import TransferConfig, align_chunks
+
+torch = pytest.importorskip("torch")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+TINY = TransferConfig(sample_characters=4000, chunk_tokens=32, batch_size=4, input_steps=40,
+                      input_learning_rate=1e-2, output_steps=60, output_learning_rate=3e-2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tests.test_resize_model import TINY_TOKENIZER
+
+    tmp = tmp_path_factory.mktemp("transfer")
+    sample = tmp / "sample.txt"
+    sample.write_text("\n".join(CHINESE) + "\n", encoding="utf-8")
+    ext = extend_bpe_tokenizer(TINY_TOKENIZER, [sample], 60, tmp / "extended").out_dir
+    return tmp, sample, TINY_TOKENIZER, ext
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def grown(request, setup):
+    tmp, sample, _, ext = setup
+    base = make_hf_model(tmp / f"base-{request.param}", request.param)
+    out = {}
+    for init in ("subword", "distill"):
+        out[init] = resize_hf_checkpoint(base, ext, tmp / f"{init}-{request.param}", init, seed=0,
+                                         sample_files=[sample], transfer=TINY)
+    return base, out
+
+
+def _hf(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _aligned_scores(base_dir, model_dir, base_tok, new_tok, lines):
+    """Tokenizer-aligned distances of the grown model from the base on `lines`, at the positions where both
+    tokenizations end at the same byte: (mean KL of the base's next-token distribution to the grown model's,
+    renormalised over the old vocab; mean |log p_grown(next extended token) - log p_base(its pieces in sequence)|
+    over the positions followed by a new token)."""
+    base, grown = _hf(base_dir), _hf(model_dir)
+    chunks = align_chunks(base_tok, new_tok, lines, 32)
+    with torch.no_grad():
+        lb = base(input_ids=torch.tensor(chunks.base_ids, dtype=torch.long),
+                  attention_mask=torch.tensor(chunks.base_mask, dtype=torch.long)).logits
+        lg = grown(input_ids=torch.tensor(chunks.ext_ids, dtype=torch.long),
+                   attention_mask=torch.tensor(chunks.ext_mask, dtype=torch.long)).logits
+    align = torch.tensor(chunks.align, dtype=torch.long)
+    base_logp = torch.log_softmax(lb, -1)
+    pb = torch.gather(base_logp, 1, align[..., None].expand(-1, -1, lb.shape[-1]))
+    pg = torch.log_softmax(lg[..., :OLD_VOCAB], -1)
+    mask = torch.tensor(chunks.ext_mask)
+    kl = ((pb.exp() * (pb - pg)).sum(-1) * mask).sum() / mask.sum()
+    # log p_base of each base token given the ones before it, summed over each new token's pieces
+    base_next = torch.tensor(chunks.base_ids[:, 1:], dtype=torch.long)
+    piece = torch.gather(base_logp[:, :-1], -1, base_next[..., None])[..., 0]
+    cum = torch.cat([torch.zeros_like(piece[:, :1]), piece.cumsum(1)], 1)
+    grown_logp = torch.log_softmax(lg, -1)
+    gaps = []
+    for r in range(chunks.ext_ids.shape[0]):
+        for j in range(int(mask[r].sum()) - 1):
+            token = int(chunks.ext_ids[r, j + 1])
+            if token < OLD_VOCAB:
+                continue
+            string = cum[r, chunks.align[r, j + 1]] - cum[r, chunks.align[r, j]]
+            gaps.append(abs(float(grown_logp[r, j, token]) - float(string)))
+    return float(kl), float(np.mean(gaps))
+
+
+def test_distill_is_closer_to_the_base_than_subword(grown, setup):
+    base_dir, results = grown
+    _, _, base_tok_dir, ext = setup
+    base_tok, new_tok = AutoTokenizer.from_pretrained(base_tok_dir), AutoTokenizer.from_pretrained(ext)
+    lines = sorted(set(CHINESE))
+    kl_sub, gap_sub = _aligned_scores(base_dir, results["subword"].out_dir, base_tok, new_tok, lines)
+    kl_dis, gap_dis = _aligned_scores(base_dir, results["distill"].out_dir, base_tok, new_tok, lines)
+    assert kl_dis < 0.5 * kl_sub, (kl_dis, kl_sub)  # input rows: the states after a new token are the base's
+    assert gap_dis < 0.5 * gap_sub, (gap_dis, gap_sub)  # output rows: p(new token) is the base's p(its pieces)
+
+
+def test_distill_unties_keeps_old_rows_and_loads_in_transformers(grown):
+    base_dir, results = grown
+    r = results["distill"]
+    assert not r.tied and r.new_vocab_size == OLD_VOCAB + 60
+    base, out = _hf(base_dir), _hf(r.out_dir)
+    assert not out.config.tie_word_embeddings
+    old_in, old_out = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+    assert torch.equal(out.get_input_embeddings().weight[:OLD_VOCAB], old_in)
+    assert torch.equal(out.get_output_embeddings().weight[:OLD_VOCAB], old_out)
+    # the new rows transformers loaded are the fitted ones, in and out different
+    assert np.array_equal(out.get_input_embeddings().weight[OLD_VOCAB:].numpy(), r.transfer.embed_rows)
+    assert np.array_equal(out.get_output_embeddings().weight[OLD_VOCAB:].numpy(), r.transfer.head_rows)
+    assert not np.allclose(r.transfer.embed_rows, r.transfer.head_rows)
+    # text made only of old tokens: the same logits over the old vocab as the base
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        a, b = base(input_ids=ids).logits, out(input_ids=ids).logits[..., :OLD_VOCAB]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_distill_is_deterministic_for_a_seed(setup, tmp_path):
+    tmp, sample, _, ext = setup
+    base = make_hf_model(tmp_path / "base", True)
+    a = resize_hf_checkpoint(base, ext, tmp_path / "a", "distill", seed=3, sample_files=[sample], transfer=TINY)
+    b = resize_hf_checkpoint(base, ext, tmp_path / "b", "distill", seed=3, sample_files=[sample], transfer=TINY)
+    assert np.array_equal(a.transfer.embed_rows, b.transfer.embed_rows)
+    assert np.array_equal(a.transfer.head_rows, b.transfer.head_rows)
+
+
+def test_distill_refuses_bad_input_before_writing(setup, tmp_path):
+    tmp, sample, base_tok_dir, ext = setup
+    base = make_hf_model(tmp_path / "base", True)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no non-empty line"):
+        resize_hf_checkpoint(base, ext, tmp_path / "out1", "distill", sample_files=[empty], transfer=TINY)
+    with pytest.raises(ValueError, match="sample files"):
+        resize_hf_checkpoint(base, ext, tmp_path / "out2", "distill", transfer=TINY)
+    # a tokenizer that is not a superset of the base: the unextended base tokenizer of another model
+    other = tmp_path / "other"
+    extend_bpe_tokenizer(ext, [sample], 5, other)  # ids of `ext` kept, but the base model has only OLD_VOCAB rows
+    import json
+
+    cfg = json.loads((other / "tokenizer.json").read_text())
+    vocab = cfg["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two base ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.raises(ValueError, match="does not extend"):
+        resize_hf_checkpoint(base, other, tmp_path / "out3", "distill", sample_files=[sample], transfer=TINY)
+    assert not any((tmp_path / f"out{i}").exists() for i in (1, 2, 3))

@@ -1,0 +1,371 @@
+"""Vocabulary transfer: new rows that make the grown model reproduce the base model (`resize_init: distill`).
+
+After a byte-level BPE extension every new token is a run of base tokens (its merges fire after all base merges,
+so the extended segmentation of any text is a coarsening of the base one). Mean-of-pieces rows (`subword`) start
+the grown model well above the base's loss on the very text the new tokens were learned from (SmolLM2 + 6000
+Chinese tokens: +17% held-out bits per character), and a short pre-training cannot teach 6000 rows. This module
+fits the new rows to the frozen base model instead, on a sample of the training text, so that training starts
+where the base model is:
+
+- **Untied.** A new token's input row (what its pieces meant together) and output row (how likely the whole
+  string is next) want different vectors, so a tied base gets its own `lm_head` when it grows; old rows of both
+  matrices are kept bit for bit.
+- **Input rows by distillation, body frozen.** Each sample chunk is run through the base model under the base
+  tokenization (the teacher) and through the grown model under the extended one (the student). Every extended
+  position ends where some base position ends; there the student's next-token distribution over the *old*
+  vocabulary (old head, frozen) is pulled to the teacher's with a KL divergence. Only the new embedding rows
+  get gradients (Adam), starting from the mean of their pieces' rows.
+- **Output rows fitted to the base's predictions.** On the teacher's final hidden states at the same positions
+  (what the student's should be), the new head rows are fitted, old rows fixed, so that the grown model's
+  probability of a new token is the base's probability of that token's pieces in sequence: a cross-entropy on
+  the sample's next tokens whose target probability for a new token is the teacher's own product of its
+  pieces' probabilities (with an L2 pull to the mean-of-pieces start). The old rows' log-sum-exp is computed
+  once, so each step costs one `[positions, new tokens]` product; the problem is convex in the new rows.
+
+`transfer_rows` returns both blocks of new rows; `zhjax.tokenizer.resize_model.resize_hf_checkpoint(...,
+init="distill", sample_files=...)` writes them into an untied HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+__all__ = ["TransferConfig", "TransferResult", "align_chunks", "transfer_rows"]
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Sizes and steps of the transfer fit (defaults: about 2 minutes for SmolLM2 + 6000 tokens on 2 cores)."""
+
+    sample_characters: int = 60_000  # training text the fit sees
+    chunk_tokens: int = 64  # extended tokens per chunk (base tokens per chunk: up to 4x this)
+    batch_size: int = 8
+    input_steps: int = 60
+    input_learning_rate: float = 3e-3
+    output_steps: int = 60
+    output_learning_rate: float = 1e-2
+    output_l2: float = 1e-3
+    output_target: str = "base"  # "base": the base's probability of a new token's pieces; "data": the sample's token
+    input_start: str = "mean"  # start of the input rows: "mean" | "last" (piece) | "weighted" (towards the last)
+    output_method: str = "pieces"  # "pieces": first piece's row + fitted offset; "fit": rows fitted by gradient
+    seed: int = 0
+
+
+@dataclass
+class TransferResult:
+    """New rows `[n_new, D]` for `embed_tokens` and `lm_head` (HF layout) and what the fit measured."""
+
+    embed_rows: np.ndarray
+    head_rows: np.ndarray
+    chunks: int
+    positions: int
+    input_kl: tuple[float, float]  # mean KL (nats) to the teacher over the sample, before and after
+    output_nll: tuple[float, float]  # the sample's next-token loss (nats) from the teacher's states, before/after
+    seconds: float
+
+
+@dataclass
+class Chunks:
+    """Aligned sample chunks, padded: `ext_ids [n, Te]`, `base_ids [n, Tb]`, `align [n, Te]` (the base position
+    that ends where each extended position ends), `ext_mask`, `base_mask`."""
+
+    ext_ids: np.ndarray
+    base_ids: np.ndarray
+    align: np.ndarray
+    ext_mask: np.ndarray
+    base_mask: np.ndarray
+
+
+def _byte_lengths(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Bytes each token of a byte-level BPE stands for (one character of its token string per byte)."""
+    return [len(t) for t in tokenizer.convert_ids_to_tokens(list(ids))]
+
+
+def align_chunks(base_tok: Any, new_tok: Any, lines: Sequence[str], chunk_tokens: int) -> Chunks:
+    """Cut the text of `lines` (joined by newlines) into windows of `chunk_tokens` extended tokens and at most
+    `3 * chunk_tokens` base tokens, each starting with the start token, with the alignment of every extended
+    position to the base position that ends at the same byte. A line whose extended segmentation is not a
+    coarsening of its base one (a tokenizer that does not extend the base) is left out."""
+    start = base_tok.bos_token_id if base_tok.bos_token_id is not None else base_tok.eos_token_id
+    max_base = 3 * chunk_tokens
+    ext, base, last = [], [], []  # the stream: ids and, per extended token, the index of its last base piece
+    for line in lines:
+        e = new_tok.encode(line + "\n", add_special_tokens=False)
+        b = base_tok.encode(line + "\n", add_special_tokens=False)
+        e_ends, b_ends = np.cumsum(_byte_lengths(new_tok, e)), np.cumsum(_byte_lengths(base_tok, b))
+        where = {int(x): i for i, x in enumerate(b_ends)}
+        if not len(e) or any(int(x) not in where for x in e_ends):
+            continue
+        last += [len(base) + where[int(x)] for x in e_ends]
+        ext += e
+        base += b
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    i = 0
+    while i < len(ext):
+        first_base = last[i - 1] + 1 if i else 0
+        j = i
+        while j < len(ext) and j - i < chunk_tokens - 1 and last[j] - first_base < max_base - 1:
+            j += 1
+        if j == i:  # one extended token longer than the base window: skip it
+            i += 1
+            continue
+        rows.append(([start, *ext[i:j]], [start, *base[first_base : last[j - 1] + 1]],
+                     [0, *[last[k] - first_base + 1 for k in range(i, j)]]))
+        i = j
+    if not rows:
+        raise ValueError("the sample text gives no window whose extended tokens align with base tokens")
+    n = len(rows)
+    out = Chunks(
+        np.zeros((n, chunk_tokens), np.int32), np.zeros((n, max_base), np.int32),
+        np.zeros((n, chunk_tokens), np.int32), np.zeros((n, chunk_tokens), np.float32),
+        np.zeros((n, max_base), np.float32),
+    )
+    for r, (e, b, a) in enumerate(rows):
+        out.ext_ids[r, : len(e)], out.ext_mask[r, : len(e)], out.align[r, : len(a)] = e, 1.0, a
+        out.base_ids[r, : len(b)], out.base_mask[r, : len(b)] = b, 1.0
+    return out
+
+
+def _body(model, embeds: jax.Array, mask: jax.Array) -> jax.Array:
+    """Final-norm hidden states of the frozen `model` for input vectors `embeds` (right-padded rows)."""
+    from zhjax.model.llama import build_attention_mask, rope_tables
+
+    b, t, _ = embeds.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos, sin = rope_tables(model.config, positions)
+    h = model.run_layers(embeds, cos, sin, build_attention_mask(mask, None))
+    return model.norm(h)
+
+
+def transfer_rows(
+    base_model: nnx.Module,
+    base_tok: Any,
+    new_tok: Any,
+    sources: Sequence[Sequence[int]],
+    lines: Sequence[str],
+    config: TransferConfig = TransferConfig(),
+    *,
+    progress: bool = True,
+) -> TransferResult:
+    """Fit the new rows of `embed_tokens` and `lm_head` (see the module docstring).
+
+    `base_model` is the zhjax base (float32), `sources[i]` the base ids of new token `V_old + i` (its pieces,
+    `zhjax.tokenizer.resize.subword_source_ids`), `lines` the sample text. Deterministic for a `config.seed`.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    cfg = base_model.config
+    old_vocab, n_new = cfg.vocab_size, len(sources)
+    graphdef, state = nnx.split(base_model)
+    embed_old = jnp.asarray(base_model.embed_tokens.embedding[...], jnp.float32)
+    head_old = embed_old if base_model.lm_head is None else jnp.asarray(base_model.lm_head.kernel[...]).T
+    start_embed = _start_rows(np.asarray(embed_old), sources, config.input_start)
+    start_head = _mean_rows(np.asarray(head_old), sources)
+
+    chosen, total = [], 0
+    rng = np.random.default_rng(config.seed)
+    for i in rng.permutation(len(lines)):
+        if total >= config.sample_characters:
+            break
+        chosen.append(lines[i])
+        total += len(lines[i])
+    if not chosen or total == 0:
+        raise ValueError("the transfer init needs sample text: the sample files hold no non-empty line")
+    chunks = align_chunks(base_tok, new_tok, chosen, config.chunk_tokens)
+    n = chunks.ext_ids.shape[0]
+    bs = config.batch_size
+    pad = (-n) % bs
+    if pad:  # whole batches: repeat the first chunks with zero masks
+        def grow(a):
+            return np.concatenate([a, np.zeros_like(a[:pad])])
+        chunks = Chunks(*(grow(x) for x in (chunks.ext_ids, chunks.base_ids, chunks.align, chunks.ext_mask,
+                                             chunks.base_mask)))
+    batches = chunks.ext_ids.shape[0] // bs
+
+    # teacher pass: hidden states at aligned positions + the log-probability of each base token
+    hs, base_logp = [], []
+
+    @jax.jit
+    def teacher_pass(state, base_ids, base_mask, align):
+        model = nnx.merge(graphdef, state)
+        h = model.hidden_states(base_ids, base_mask.astype(jnp.int32))
+        logp = jax.nn.log_softmax(h @ head_old.T, axis=-1)
+        nxt = jnp.concatenate([base_ids[:, 1:], jnp.zeros_like(base_ids[:, :1])], axis=1)
+        token_logp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]  # log p(base token t+1 | <= t)
+        return jnp.take_along_axis(h, align[..., None], axis=1), token_logp
+
+    bar = tqdm(total=batches + config.input_steps + config.output_steps, desc="transfer init",
+               disable=not progress, unit="step")
+    for k in range(batches):
+        sl = slice(k * bs, (k + 1) * bs)
+        h, lp = teacher_pass(state, chunks.base_ids[sl], chunks.base_mask[sl], chunks.align[sl])
+        hs.append(np.asarray(h))
+        base_logp.append(np.asarray(lp))
+        bar.update()
+    teacher_h = np.concatenate(hs)  # [n, Te, D]
+    base_logp = np.concatenate(base_logp)  # [n, Tb]
+
+    # ---------------------------------------------------------------- input rows: distillation, body frozen
+    def student_kl(new_rows, ids, mask, th):
+        table = jnp.concatenate([embed_old, new_rows])
+        model = nnx.merge(graphdef, state)
+        hs_ = _body(model, jnp.take(table, ids, axis=0), mask.astype(jnp.int32))
+        t_logp = jax.nn.log_softmax(th @ head_old.T, axis=-1)
+        s_logp = jax.nn.log_softmax(hs_ @ head_old.T, axis=-1)
+        kl = (jnp.exp(t_logp) * (t_logp - s_logp)).sum(-1)
+        return (kl * mask).sum() / mask.sum()
+
+    opt = optax.adam(config.input_learning_rate)
+
+    @jax.jit
+    def input_step(rows, opt_state, ids, mask, th):
+        loss, g = jax.value_and_grad(student_kl)(rows, ids, mask, th)
+        upd, opt_state = opt.update(g, opt_state, rows)
+        return optax.apply_updates(rows, upd), opt_state, loss
+
+    eval_kl = jax.jit(student_kl)
+    rows = jnp.asarray(start_embed)
+    opt_state = opt.init(rows)
+    probe = slice(0, bs)
+    kl_before = float(eval_kl(rows, chunks.ext_ids[probe], chunks.ext_mask[probe], teacher_h[probe]))
+    order = np.random.default_rng(config.seed + 1).permutation(batches)
+    for s in range(config.input_steps):
+        k = order[s % batches]
+        sl = slice(k * bs, (k + 1) * bs)
+        rows, opt_state, loss = input_step(rows, opt_state, chunks.ext_ids[sl], chunks.ext_mask[sl], teacher_h[sl])
+        bar.update()
+        bar.set_postfix(kl=f"{float(loss):.3f}")
+    kl_after = float(eval_kl(rows, chunks.ext_ids[probe], chunks.ext_mask[probe], teacher_h[probe]))
+    embed_rows = np.asarray(rows)
+
+    # ---------------------------------------------------------------- output rows: fitted on teacher states
+    # At extended position j the next extended token e covers base positions align[j]+1 .. align[j+1]; the base
+    # model's probability of its string is the product of those pieces' probabilities (teacher-forced).
+    cum = np.concatenate([np.zeros_like(base_logp[:, :1]), np.cumsum(base_logp, axis=1)], axis=1)
+    nxt_align = np.concatenate([chunks.align[:, 1:], chunks.align[:, -1:]], axis=1)
+    string_logp = np.take_along_axis(cum, nxt_align, 1) - np.take_along_axis(cum, chunks.align, 1)
+    first_logp = np.take_along_axis(base_logp, chunks.align, 1)  # log p_base(the next token's first piece)
+    ext_next = np.concatenate([chunks.ext_ids[:, 1:], np.zeros_like(chunks.ext_ids[:, :1])], axis=1)
+    next_mask = np.concatenate([chunks.ext_mask[:, 1:], np.zeros_like(chunks.ext_mask[:, :1])], axis=1)
+    window = np.broadcast_to(np.arange(next_mask.shape[0])[:, None], next_mask.shape).reshape(-1)
+    held_out = (window % 5 == 4)[next_mask.reshape(-1) > 0]  # every fifth window checks the fit (early stop)
+    keep = next_mask.reshape(-1) > 0
+    h = jnp.asarray(teacher_h.reshape(-1, teacher_h.shape[-1])[keep])
+    tgt = jnp.asarray(ext_next.reshape(-1)[keep])
+    string_logp = jnp.asarray(string_logp.reshape(-1)[keep], jnp.float32)  # log p_base(the next token's pieces)
+    old_logits = jax.jit(lambda h: (jax.nn.logsumexp(h @ head_old.T, axis=-1),
+                                    jnp.take_along_axis(h @ head_old.T, jnp.minimum(tgt, old_vocab - 1)[:, None], 1)[:, 0]))
+    lse_old, old_target = old_logits(h)
+    start_h = jnp.asarray(start_head)
+
+    def output_loss(new_rows, part=None):
+        """`(objective, mean next-token loss)`: with `output_target="base"` the squared gap between the grown
+        model's log-probability of each next token and the base's log-probability of its pieces; with "data"
+        the cross-entropy of the sample's next tokens. Both with the L2 pull to the start rows."""
+        new_logits = h @ new_rows.T
+        lse = jnp.logaddexp(lse_old, jax.nn.logsumexp(new_logits, axis=-1))
+        picked_new = jnp.take_along_axis(new_logits, jnp.maximum(tgt - old_vocab, 0)[:, None], 1)[:, 0]
+        logp = jnp.where(tgt >= old_vocab, picked_new, old_target) - lse
+        weight = train_w if part is None else part
+        fit = (((logp - string_logp) ** 2) if config.output_target == "base" else -logp) @ weight / weight.sum()
+        return fit + config.output_l2 * ((new_rows - start_h) ** 2).sum() / n_new, -logp @ weight / weight.sum()
+
+    train_w = jnp.asarray(~held_out, jnp.float32)
+    held_w = jnp.asarray(held_out, jnp.float32)
+    held_loss = jax.jit(lambda rows: output_loss(rows, held_w)[1])
+
+    if config.output_method == "pieces":
+        hrows = _piece_rows(np.asarray(head_old), sources, np.asarray(h), np.asarray(tgt) - old_vocab,
+                            np.asarray(string_logp), first_logp.reshape(-1)[keep])
+        nll_after = float(output_loss(jnp.asarray(hrows))[1])
+        bar.close()
+        return TransferResult(embed_rows, hrows, n, int(keep.sum()), (kl_before, kl_after),
+                              (float(output_loss(start_h)[1]), nll_after), time.perf_counter() - t0)
+
+    opt2 = optax.adam(config.output_learning_rate)
+
+    @jax.jit
+    def output_step(rows, opt_state):
+        (_, nll), g = jax.value_and_grad(output_loss, has_aux=True)(rows)
+        upd, opt_state = opt2.update(g, opt_state, rows)
+        return optax.apply_updates(rows, upd), opt_state, nll
+
+    hrows = start_h
+    opt_state = opt2.init(hrows)
+    nll_before = float(output_loss(hrows)[1])
+    best, best_rows = float(held_loss(hrows)), hrows
+    for _ in range(config.output_steps):
+        hrows, opt_state, nll = output_step(hrows, opt_state)
+        held = float(held_loss(hrows))
+        if held < best:
+            best, best_rows = held, hrows
+        bar.update()
+        bar.set_postfix(nll=f"{float(nll):.3f}", held_out=f"{held:.3f}")
+    bar.close()
+    hrows = best_rows
+    nll_after = float(output_loss(hrows)[1])
+    return TransferResult(embed_rows, np.asarray(hrows), n, int(keep.sum()), (kl_before, kl_after),
+                          (nll_before, nll_after), time.perf_counter() - t0)
+
+
+def _start_rows(old: np.ndarray, sources: Sequence[Sequence[int]], how: str) -> np.ndarray:
+    """Input rows before distillation: the pieces' mean, the last piece's row, or a mean weighted towards the last
+    piece (weights 1, 2, ..., k)."""
+    if how == "mean":
+        return _mean_rows(old, sources)
+    out = np.empty((len(sources), old.shape[1]), np.float32)
+    overall = old.mean(axis=0)
+    for i, ids in enumerate(sources):
+        if not len(ids):
+            out[i] = overall
+        elif how == "last":
+            out[i] = old[ids[-1]]
+        else:
+            w = np.arange(1, len(ids) + 1, dtype=np.float32)
+            out[i] = (w[:, None] * old[np.asarray(ids)]).sum(0) / w.sum()
+    return out
+
+
+def _piece_rows(head: np.ndarray, sources, states: np.ndarray, new_index: np.ndarray, string_logp: np.ndarray,
+                first_logp: np.ndarray, ridge: float = 1e-2, prior: float = 1.0) -> np.ndarray:
+    """Output rows whose logit is the first piece's logit plus the log-probability the base gives the rest of the
+    token after its first piece: `head[p1] + c_t * b`, where `b` is the direction with `b . h ~= 1` on the
+    sample's hidden states (ridge least squares) and `c_t` the mean over the token's occurrences of
+    `log p_base(pieces) - log p_base(first piece)`, shrunk towards the mean of tokens with as many pieces."""
+    d = states.shape[1]
+    b = np.linalg.solve(states.T @ states / len(states) + ridge * np.eye(d), states.mean(0))
+    rest = string_logp - first_logp
+    sums, counts = np.zeros(len(sources)), np.zeros(len(sources))
+    is_new = new_index >= 0
+    np.add.at(sums, new_index[is_new], rest[is_new])
+    np.add.at(counts, new_index[is_new], 1.0)
+    pieces = np.array([len(x) for x in sources])
+    out = np.empty((len(sources), d), np.float32)
+    overall = head.mean(0)
+    for k in np.unique(pieces):
+        sel = pieces == k
+        mean_k = sums[sel].sum() / counts[sel].sum() if counts[sel].sum() else (rest[is_new].mean() if is_new.any() else 0.0)
+        c = (sums[sel] + prior * mean_k) / (counts[sel] + prior)
+        first = np.array([head[x[0]] if len(x) else overall for x in np.asarray(sources, dtype=object)[sel]])
+        out[sel] = first + c[:, None] * b[None, :]
+    return out
+
+
+def _mean_rows(old: np.ndarray, sources: Sequence[Sequence[int]]) -> np.ndarray:
+    """Mean of each new token's pieces' rows (all old rows for a token without pieces)."""
+    out = np.empty((len(sources), old.shape[1]), np.float32)
+    overall = old.mean(axis=0)
+    for i, ids in enumerate(sources):
+        out[i] = old[np.asarray(ids)].mean(axis=0) if len(ids) else overall
+    return out
+
