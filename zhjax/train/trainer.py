@@ -187,12 +187,13 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
     step_fn = jax.jit(
-        make_train_step(graphdef, tx, use_dropout=(model_lora_dropout(cfg) > 0), skip_nonfinite=cfg.skip_nonfinite),
+        make_train_step(graphdef, tx, use_dropout=(model_lora_dropout(cfg) > 0), skip_nonfinite=cfg.skip_nonfinite,
+                        loss_chunk=cfg.loss_chunk_size),
         in_shardings=(train_sh, opt_sh, frozen_sh, micro_sh, repl, repl),
         out_shardings=(train_sh, opt_sh, repl),
         donate_argnums=(0, 1),
     )
-    eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(train_sh, frozen_sh, batch_sharding(mesh)))
+    eval_fn = jax.jit(make_eval_step(graphdef, cfg.loss_chunk_size), in_shardings=(train_sh, frozen_sh, batch_sharding(mesh)))
     step_fn, eval_fn = _in_mesh(mesh, step_fn), _in_mesh(mesh, eval_fn)
 
     n_train, n_frozen = count_params(trainable), count_params(frozen)
