@@ -3,6 +3,8 @@ path equals `jnp.matmul` forward and backward."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,12 +81,28 @@ def test_bf16_matmul_matches_jnp_forward_and_backward():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=0.1)
 
 
-def test_bf16_products_of_a_training_step_take_the_bf16_path_on_cpu():
-    """No float32 convert of a [64, 96] bf16 operand before the products of a linear layer's backward."""
+def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in compiled HLO text (operands are named in the same computation)."""
+    out = []
+    for comp in hlo.split("\n\n"):
+        types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", comp))
+        out += [(types[a], types[b]) for a, b in re.findall(r" dot\((%[\w.\-]+), (%[\w.\-]+)\)", comp)]
+    return out
+
+
+def test_bf16_products_of_a_linear_layer_and_the_head_take_the_bf16_path_on_cpu():
+    """XLA:CPU converts a non-canonical bf16 product's operands to float32; `matmul` and the chunked loss avoid it."""
     if jax.default_backend() != "cpu":
         pytest.skip("the layout rule is XLA:CPU's")
     x = jax.ShapeDtypeStruct((64, 48), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((48, 96), jnp.bfloat16)
     loss = lambda x, w: jnp.sum(matmul(x, w).astype(jnp.float32) ** 2)
-    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
-    assert "f32[48,96]" not in hlo.replace("f32[48,96]{1,0} parameter", "")  # w never converted to float32
+    dots = _dot_operand_types(jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text())
+    assert len(dots) == 3 and all(t == ("bf16", "bf16") for t in dots), dots
+    plain = lambda x, w: jnp.sum(jnp.matmul(x, w).astype(jnp.float32) ** 2)
+    assert ("f32", "f32") in _dot_operand_types(jax.jit(jax.grad(plain, (0, 1))).lower(x, w).compile().as_text())
+
+    targets, weights = jax.ShapeDtypeStruct((64,), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.float32)
+    head = jax.jit(jax.grad(chunked_head_loss, (0, 1)), static_argnums=4)
+    dots = _dot_operand_types(head.lower(x, w, targets, weights, 32).compile().as_text())
+    assert len(dots) == 3 and all(t == ("bf16", "bf16") for t in dots), dots
