@@ -1,19 +1,27 @@
-"""LoRA (+ embed/head) training tokens/s on SmolLM2-135M: zhjax vs transformers + peft + torch AdamW.
+"""LoRA (+ embed/head) training tokens/s on the demo's model: zhjax (fp32 and fast) vs transformers + peft.
 
-    .venv/bin/python bench/train.py [--batch 4] [--seq 256] [--rounds 6]
+    .venv/bin/python bench/train.py [--vocab 55152] [--untied] [--batch 4] [--seq 256] [--rounds 6] [--force]
 
-Each system runs in its own worker process (so each one's peak RSS is its own); the parent makes them take
-turns, one optimizer step at a time (A B A B ...), because these machines' speed drifts 2-5x within minutes and
-only per-pair ratios from one run mean anything. Both: fp32, r=8, alpha=32, dropout 0.05 on all seven targets,
-embed_tokens + lm_head trained, clipping 1.0, AdamW. The table also gives how close each gets to the machine:
-the step's matmul FLOPs (counted, see `zhjax.train.metrics.flops_per_token`) over the rate of a large fp32 GEMM
-measured in the same run.
+The model is SmolLM2-135M grown to the demo's 55152 rows (`--vocab`; new rows random, which does not change
+the cost), tied as SmolLM2 is or with an untied head (`--untied`), written once as an HF checkpoint under
+`outputs/bench-train/` that both systems load. Each system runs in its own worker process (so each one's peak
+RSS is its own); the parent makes them take turns, one optimizer step at a time (A B C A B C ...), because
+these machines' speed drifts 2-5x within minutes and only per-pair ratios from one run mean anything. The load
+average is printed first and a run refuses to start above 1.0 (other jobs skew the ratios) unless `--force`.
+
+All rows: r=8, alpha=32, dropout 0.05 on all seven targets, embed_tokens + lm_head trained, clipping 1.0,
+AdamW. Rows: zhjax fp32 (the setting the training-parity test pins against PyTorch), zhjax fast (`dtype:
+bfloat16` compute with float32 master weights and Adam state, `loss_chunk_size` fused LM head + loss), and
+transformers + peft fp32. The table also gives how close each gets to the machine: the step's matmul FLOPs
+(counted, see `zhjax.train.metrics.flops_per_token`) over the rate of a large GEMM measured in the same run
+(fp32 numpy; the bf16 row's ceiling is about twice that on AVX-512 BF16 CPUs).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
@@ -23,7 +31,7 @@ import numpy as np
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def zhjax_worker(conn, model_dir: str, batch: int, seq: int) -> None:
+def zhjax_worker(conn, model_dir: str, batch: int, seq: int, dtype: str = "float32", loss_chunk: int = 0) -> None:
     import jax
     import jax.numpy as jnp
 
@@ -34,12 +42,13 @@ def zhjax_worker(conn, model_dir: str, batch: int, seq: int) -> None:
     from zhjax.train.step import make_train_step
 
     lora = zhjax.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05)
-    model = zhjax.load_pretrained(model_dir, dtype="float32", lora=lora)
+    model = zhjax.load_pretrained(model_dir, dtype=dtype, lora=lora)
     graphdef, trainable, frozen = split_model(model, trainable_filter(lora))
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # master weights in fp32, as the trainer
     fpt = flops_per_token(model.config, count_params(trainable), count_params(frozen), seq, embed_trainable=True)
     tx = build_optimizer(OptimConfig(), trainable, 1000)
     opt_state = tx.init(trainable)
-    step = jax.jit(make_train_step(graphdef, tx, use_dropout=True), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, tx, use_dropout=True, loss_chunk=loss_chunk), donate_argnums=(0, 1))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (1, batch, seq)), jnp.int32)
     b = {"input_ids": ids, "labels": ids}
     key = jax.random.key(0)
@@ -56,7 +65,7 @@ def zhjax_worker(conn, model_dir: str, batch: int, seq: int) -> None:
     conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def torch_worker(conn, model_dir: str, batch: int, seq: int) -> None:
+def torch_worker(conn, model_dir: str, batch: int, seq: int, *_) -> None:
     import peft
     import torch
     import transformers
@@ -101,23 +110,58 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def demo_model(base: str, vocab: int, untied: bool) -> str:
+    """`base` grown to `vocab` rows (and untied), saved once as an HF checkpoint; returns its directory."""
+    out = f"outputs/bench-train/{os.path.basename(base.rstrip('/'))}-{vocab}-{'untied' if untied else 'tied'}"
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if untied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    if vocab != model.config.vocab_size:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    model.save_pretrained(out)
+    return out
+
+
+SYSTEMS = {  # row name -> (worker, dtype, loss_chunk_size)
+    "zhjax fp32": (zhjax_worker, "float32", 0),
+    "zhjax bf16 + chunked loss": (zhjax_worker, "bfloat16", 256),
+    "transformers+peft fp32": (torch_worker, "float32", 0),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="assets/smollm2-135m")
+    parser.add_argument("--vocab", type=int, default=55152, help="rows of the embedding/head (the demo's 55152)")
+    parser.add_argument("--untied", action="store_true", help="a separate trainable lm_head")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--only", nargs="*", choices=list(SYSTEMS), help="a subset of the rows")
+    parser.add_argument("--force", action="store_true", help="run even when the load average is above 1.0")
     args = parser.parse_args()
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min), {os.cpu_count()} CPUs", flush=True)
+    if load[0] > 1.0 and not args.force:
+        raise SystemExit("refusing to time on a busy machine (1-min load average above 1.0); --force to run anyway")
     if args.model == "assets/smollm2-135m":
         from zhjax.assets import ensure_assets
 
         ensure_assets("assets", quiet=True)
+    model_dir = demo_model(args.model, args.vocab, args.untied)
 
     ctx = mp.get_context("spawn")
     workers = {}
-    for name, fn in (("zhjax", zhjax_worker), ("transformers+peft", torch_worker)):
+    for name in args.only or SYSTEMS:
+        fn, dtype, chunk = SYSTEMS[name]
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=fn, args=(child, args.model, args.batch, args.seq))
+        proc = ctx.Process(target=fn, args=(child, model_dir, args.batch, args.seq, dtype, chunk))
         proc.start()
         workers[name] = (proc, parent)
     fpt = None
@@ -133,8 +177,7 @@ def main() -> None:
         for name, (_, conn) in workers.items():
             conn.send("step")
             times[name].append(conn.recv())
-        a, b = times["zhjax"][-1], times["transformers+peft"][-1]
-        print(f"round {r + 1}: zhjax {a:6.2f} s  transformers+peft {b:6.2f} s  ratio {b / a:.2f}x", flush=True)
+        print(f"round {r + 1}: " + "  ".join(f"{n} {t[-1]:6.2f} s" for n, t in times.items()), flush=True)
     rss = {}
     for name, (proc, conn) in workers.items():
         conn.send("stop")
@@ -142,17 +185,23 @@ def main() -> None:
         proc.join()
 
     rate = statistics.median(rates)
-    step_flops = fpt * tokens
-    print(f"\nLoRA r=8 + embed/head training step, SmolLM2-135M, batch {args.batch} x {args.seq}, fp32, CPU")
+    step_flops = (fpt or 0) * tokens
+    head = "untied" if args.untied else "tied"
+    print(f"\nLoRA r=8 + embed/head training step, SmolLM2-135M with {args.vocab} rows ({head}), batch {args.batch} "
+          f"x {args.seq}, CPU, load average at start {load[0]:.2f}")
     print(f"step matmul FLOPs {step_flops / 1e9:.0f} GFLOP; large fp32 GEMM in this run {rate / 1e9:.0f} GFLOP/s\n")
-    print("| system | median s/step | tokens/s | peak RSS MiB | FLOPs / GEMM rate |")
+    print("| system | median s/step | tokens/s | peak RSS MiB | FLOPs / fp32 GEMM rate |")
     print("|---|---|---|---|---|")
     for name in workers:
         med = statistics.median(times[name])
         print(f"| {name} | {med:.2f} | {tokens / med:.0f} | {rss[name]:.0f} | {step_flops / med / rate:.0%} |")
-    ratios = [b / a for a, b in zip(times["zhjax"], times["transformers+peft"], strict=True)]
-    print(f"\nper-pair speed ratio zhjax / transformers+peft: median {statistics.median(ratios):.2f}x "
-          f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    names = list(workers)
+    print()
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ratios = [tb / ta for ta, tb in zip(times[a], times[b], strict=True)]
+            print(f"per-pair speed ratio {a} / {b}: median {statistics.median(ratios):.2f}x "
+                  f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,8 @@ class JobConfig:
     skip_nonfinite: bool = False
     async_checkpointing: bool = True
     max_eval_batches: int | None = None
+    # > 0: the LM head + cross-entropy run fused, this many tokens at a time (zhjax.train.loss); 0: full logits
+    loss_chunk_size: int = 0
 
 
 @dataclass

@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from zhjax.config import LoraConfig, ModelConfig
 from zhjax.model.lora import Linear
+from zhjax.model.matmul import transpose
 from zhjax.model.splash import splash_attention, splash_segment_ids
 
 LAYER_AXIS = "layers"
@@ -280,6 +281,13 @@ class LlamaForCausalLM(nnx.Module):
         idx = jnp.arange(self.config.num_hidden_layers)
         h, _ = jax.lax.scan(body, h, (layer_state, idx))
         return h
+
+    def lm_head_weight(self) -> jax.Array:
+        """The LM head as a `[hidden, vocab]` matrix in the compute dtype (the tied embedding, transposed)."""
+        dt = jnp.dtype(self.config.dtype)
+        if self.lm_head is None:
+            return transpose(self.embed_tokens.embedding[...].astype(dt))
+        return self.lm_head.kernel[...].astype(dt)
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Apply the LM head (the tied embedding when `tie_word_embeddings`); float32 logits."""

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zhjax.config import LoraConfig
+from zhjax.model.matmul import matmul
 
 
 def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype) -> jax.Array:
@@ -93,14 +94,14 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Apply the layer; `dropout_rng` (a key) turns on LoRA dropout, `None` is evaluation mode."""
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        y = matmul(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
             xd = x
             if dropout_rng is not None and self.lora_dropout > 0.0:
                 xd = dropout(x, self.lora_dropout, dropout_rng)
-            delta = (xd @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            delta = matmul(matmul(xd, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
             y = y + (delta * self.lora_scaling).astype(y.dtype)
         return y
 

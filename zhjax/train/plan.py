@@ -197,7 +197,8 @@ def plan_job(cfg: JobConfig, kind: str, devices: Sequence, capacity_bytes: float
 
     use_dropout = lora is not None and lora.lora_dropout > 0
     step_fn = jax.jit(
-        make_train_step(graphdef, tx, use_dropout=use_dropout, skip_nonfinite=cfg.skip_nonfinite),
+        make_train_step(graphdef, tx, use_dropout=use_dropout, skip_nonfinite=cfg.skip_nonfinite,
+                        loss_chunk=cfg.loss_chunk_size),
         in_shardings=(train_sh, opt_sh, frozen_sh, micro_sh, replicated, replicated),
         out_shardings=(train_sh, opt_sh, replicated),
         donate_argnums=(0, 1),

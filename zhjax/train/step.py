@@ -16,18 +16,25 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from zhjax.train.loss import chunked_head_loss
 from zhjax.train.optim import accumulate_gradients, global_norm
 
 IGNORE_INDEX = -100
 
 
-def token_losses(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Per-position float32 cross-entropy `[b, t-1]` of next-token prediction and its 0/1 weight."""
+def next_token_targets(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Targets `[b, t-1]` of positions 0..t-2 (the labels shifted) and their boolean weight."""
     labels = batch["labels"][:, 1:]
     weight = labels != IGNORE_INDEX
     seg = batch.get("segment_ids")
     if seg is not None:
         weight &= seg[:, 1:] == seg[:, :-1]
+    return labels, weight
+
+
+def token_losses(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per-position float32 cross-entropy `[b, t-1]` of next-token prediction and its 0/1 weight."""
+    labels, weight = next_token_targets(batch)
     logits = logits[:, :-1].astype(jnp.float32)
     safe = jnp.where(weight, labels, 0)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -35,30 +42,41 @@ def token_losses(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Ar
     return (lse - picked) * weight, weight.astype(jnp.float32)
 
 
-def loss_sum_fn(graphdef, trainable, frozen, batch, dropout_rng) -> tuple[jax.Array, jax.Array]:
-    """`(sum of token losses, number of target tokens)` of one micro-batch."""
+def loss_sum_fn(graphdef, trainable, frozen, batch, dropout_rng, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """`(sum of token losses, number of target tokens)` of one micro-batch.
+
+    `loss_chunk > 0` runs the LM head and cross-entropy fused, that many token rows at a time
+    (`zhjax.train.loss`): the same loss and gradients without `[tokens, vocab]` logits.
+    """
     model = nnx.merge(graphdef, trainable, frozen)
-    logits = model(
-        batch["input_ids"],
-        positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"),
-        dropout_rng=dropout_rng,
+    kw = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
+    if not loss_chunk:
+        losses, weight = token_losses(model(batch["input_ids"], **kw), batch)
+        return losses.sum(), weight.sum()
+    h = model.hidden_states(batch["input_ids"], **kw)[:, :-1]
+    targets, weight = next_token_targets(batch)
+    weight = weight.astype(jnp.float32)
+    loss = chunked_head_loss(
+        h.reshape(-1, h.shape[-1]), model.lm_head_weight(), targets.reshape(-1), weight.reshape(-1), loss_chunk
     )
-    losses, weight = token_losses(logits, batch)
-    return losses.sum(), weight.sum()
+    return loss, weight.sum()
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, use_dropout: bool, skip_nonfinite: bool = False) -> Callable:
+def make_train_step(
+    graphdef, optimizer: optax.GradientTransformation, *, use_dropout: bool, skip_nonfinite: bool = False,
+    loss_chunk: int = 0,
+) -> Callable:
     """`step(trainable, opt_state, frozen, batch, rng, step) -> (trainable, opt_state, metrics)`, unjitted.
 
     Gradients exist only for `trainable`; the frozen state is an input that is never updated. With
-    `skip_nonfinite` a step whose loss or gradient norm is not finite leaves the state unchanged.
+    `skip_nonfinite` a step whose loss or gradient norm is not finite leaves the state unchanged. `loss_chunk`:
+    see `loss_sum_fn`.
     """
 
     def step(trainable, opt_state, frozen, batch, rng, step):
         def grad_fn(params, micro):
             micro_batch, micro_rng = micro
-            loss = lambda p: loss_sum_fn(graphdef, p, frozen, micro_batch, micro_rng if use_dropout else None)
+            loss = lambda p: loss_sum_fn(graphdef, p, frozen, micro_batch, micro_rng if use_dropout else None, loss_chunk)
             return jax.value_and_grad(loss, has_aux=True)(params)
 
         accum = batch["input_ids"].shape[0]
@@ -77,10 +95,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, use_dr
     return step
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, loss_chunk: int = 0) -> Callable:
     """`eval_step(trainable, frozen, batch) -> (loss_sum, tokens)` for one `[b, t]` batch, no dropout."""
 
     def eval_step(trainable, frozen, batch):
-        return loss_sum_fn(graphdef, trainable, frozen, batch, None)
+        return loss_sum_fn(graphdef, trainable, frozen, batch, None, loss_chunk)
 
     return eval_step

@@ -9,7 +9,8 @@ Reads top to bottom:
    in/out shardings and donated state.
 4. If `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the latest is restored, data position
    and all, so the run continues at the next sample.
-5. Loop: step, check the loss is finite, log every `logging_steps`, evaluate every `eval_steps`, save every
+5. Loop: step (metrics stay on the device), read them and check the loss is finite at logging, evaluation and
+   save steps only, log every `logging_steps`, evaluate every `eval_steps`, save every
    `save_steps` (orbax, async) together with a PEFT adapter export.
 
 `output_dir` may be a URL (`gs://bucket/run`): checkpoints go there directly, process 0's files are staged
@@ -186,12 +187,13 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
     step_fn = jax.jit(
-        make_train_step(graphdef, tx, use_dropout=(model_lora_dropout(cfg) > 0), skip_nonfinite=cfg.skip_nonfinite),
+        make_train_step(graphdef, tx, use_dropout=(model_lora_dropout(cfg) > 0), skip_nonfinite=cfg.skip_nonfinite,
+                        loss_chunk=cfg.loss_chunk_size),
         in_shardings=(train_sh, opt_sh, frozen_sh, micro_sh, repl, repl),
         out_shardings=(train_sh, opt_sh, repl),
         donate_argnums=(0, 1),
     )
-    eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(train_sh, frozen_sh, batch_sharding(mesh)))
+    eval_fn = jax.jit(make_eval_step(graphdef, cfg.loss_chunk_size), in_shardings=(train_sh, frozen_sh, batch_sharding(mesh)))
     step_fn, eval_fn = _in_mesh(mesh, step_fn), _in_mesh(mesh, eval_fn)
 
     n_train, n_frozen = count_params(trainable), count_params(frozen)
@@ -215,26 +217,21 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     if cfg.eval_steps > 0 and start_step == 0 and data.has_eval:  # where training starts, for learning curves
         logger.log({"step": 0, **evaluate(eval_fn, trainable, frozen, data, cfg.max_eval_batches)})
         window_start = time.perf_counter()
+    pending = []  # (step, metrics) still on the device: read only at logging, evaluation and checkpoint steps
     for step in logger.progress(range(start_step, total_steps), initial=start_step, total=total_steps):
         batch = data.next_train_batch()
         trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng, step)
-        loss = float(metrics["loss"])
-        if not bool(metrics["finite"]):
-            msg = f"non-finite loss or gradient at step {step + 1}"
-            if cfg.skip_nonfinite:
-                logger.text(msg + ": update skipped")
-            else:
-                ckpt.wait()
-                good = ckpt.latest_step()
-                where = f"{ckpt.directory / str(good)}" if good is not None else "none saved yet"
-                if is_main:
-                    logger.flush()
-                    out.sync()
-                raise NonFiniteLossError(f"{msg} (loss {loss}); last good checkpoint: {where}")
-        losses.append(loss)
+        pending.append((step, metrics))
         window_tokens += data.global_batch * seq_len  # tokens processed, padding included
         done = step + 1
-        if done % cfg.logging_steps == 0 or done == total_steps:
+        log_now = done % cfg.logging_steps == 0 or done == total_steps
+        eval_now = cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == total_steps) and data.has_eval
+        save_now = (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total_steps
+        if not (log_now or eval_now or save_now):
+            continue
+        metrics = _read_pending(pending, losses, cfg, logger, ckpt, out, is_main)
+        pending = []
+        if log_now:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed
             record = {
@@ -249,11 +246,11 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
                 record["mfu"] = tps * fpt / (peak * len(mesh.devices.flat))
             logger.log(record)
             window_tokens, window_start = 0.0, time.perf_counter()
-        if cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == total_steps) and data.has_eval:
+        if eval_now:
             eval_start = time.perf_counter()
             logger.log({"step": done, **evaluate(eval_fn, trainable, frozen, data, cfg.max_eval_batches)})
             window_start += time.perf_counter() - eval_start  # evaluation is not training time
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total_steps:
+        if save_now:
             logger.flush()  # the records so far are uploaded with this save
             save(ckpt, done, trainable, opt_state, frozen, graphdef, data, cfg, out, is_main)
             last_saved = done
@@ -262,6 +259,30 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     if is_main:
         out.close()
     return {"step": total_steps, "losses": losses, "output_dir": str(out), "last_checkpoint": last_saved}
+
+
+def _read_pending(pending, losses, cfg, logger, ckpt, out, is_main) -> dict:
+    """Read the metrics of the steps since the last read in one host transfer; returns the newest step's.
+
+    Their losses are appended to `losses`. A non-finite step is reported with its own step number: skipped (its
+    update was never applied, `skip_nonfinite`) or the run stops here, before anything after it is saved.
+    """
+    read = jax.device_get([m for _, m in pending])
+    for (step, _), m in zip(pending, read, strict=True):
+        if not m["finite"]:
+            msg = f"non-finite loss or gradient at step {step + 1}"
+            if cfg.skip_nonfinite:
+                logger.text(msg + ": update skipped")
+            else:
+                ckpt.wait()
+                good = ckpt.latest_step()
+                where = f"{ckpt.directory / str(good)}" if good is not None else "none saved yet"
+                if is_main:
+                    logger.flush()
+                    out.sync()
+                raise NonFiniteLossError(f"{msg} (loss {float(m['loss'])}); last good checkpoint: {where}")
+        losses.append(float(m["loss"]))
+    return read[-1]
 
 
 def model_lora_dropout(cfg: JobConfig) -> float:

@@ -1,0 +1,73 @@
+"""Matrix products whose forward *and* backward run in bfloat16 on XLA:CPU's matmul library.
+
+XLA:CPU multiplies bfloat16 matrices with float32 accumulation at about twice its float32 rate (AVX-512 BF16),
+but only for a product in the canonical layout `[M, K] @ [K, N]` with both operands row-major. The backward of
+`x @ w` is `g @ w.T` and `x.T @ g`: XLA gives a transpose a column-major layout instead of copying it, the CPU
+compiler then finds the product non-canonical and converts both operands to float32 first (twice the bytes, half
+the rate). `matmul` is `x @ w` with a custom backward that multiplies row-major copies of the transposes
+(`row_major_t`: a transpose that XLA must write out), so all three products of a training step's linear layer
+take the bfloat16 path. On other backends, and for float32 operands, it is plain `jnp.matmul`: accelerators
+transpose for free inside the product.
+
+Products accumulate in float32 (`preferred_element_type`) and are rounded to the operands' dtype afterwards,
+so bf16 results equal `jnp.matmul`'s on bf16 inputs up to that one rounding.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+
+def _use_bf16_path(x: jax.Array, w: jax.Array) -> bool:
+    return x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
+def row_major_t(x: jax.Array) -> jax.Array:
+    """`x.T` of a 2-D array, written out row-major (XLA would otherwise make the transpose a layout change).
+
+    Padding one row then slicing it off is the cheapest op found that forces XLA:CPU to materialise the copy; it
+    is an exact identity.
+    """
+    return jnp.pad(x.T, ((0, 1), (0, 0)))[:-1]
+
+
+def transpose(x: jax.Array) -> jax.Array:
+    """`x.T` of a 2-D array, row-major (`row_major_t`) where a bf16 CPU product will read it, a plain `.T` elsewhere."""
+    return row_major_t(x) if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else x.T
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _dot(x, w).astype(x.dtype)
+
+
+def _fwd(x, w):
+    return _matmul_2d(x, w), (x, w)
+
+
+def _bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = _dot(g, row_major_t(w)).astype(x.dtype)
+    dw = _dot(row_major_t(x), g).astype(w.dtype)
+    return dx, dw
+
+
+_matmul_2d.defvjp(_fwd, _bwd)
+
+
+@partial(jax.named_call, name="matmul")
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x @ w` for `x` `[..., K]` and `w` `[K, N]`; on CPU with bf16 operands, bf16 products forward and backward."""
+    if not _use_bf16_path(x, w):
+        return x @ w
+    lead = x.shape[:-1]
+    y = _matmul_2d(x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*lead, w.shape[-1])
