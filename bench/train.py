@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
+    from zhjax._extras import require
+
+    require("torch", "peft", extra="torch", why="the reference side (transformers + peft)", prog="bench/train.py")
     if args.model == "assets/smollm2-135m":
         from zhjax.assets import ensure_assets
 

@@ -62,7 +62,13 @@ def _recipe(argv: list[str]) -> int:
     except ValueError as e:
         print(f"zhjax recipe: {e}", file=sys.stderr)
         return 2
-    run_recipe(cfg)
+    from zhjax._extras import MissingExtra
+
+    try:
+        run_recipe(cfg)
+    except MissingExtra as e:  # raised before any stage runs
+        print(f"zhjax recipe: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
