@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: demo test lint assets bench clean
+.PHONY: demo test test-fast lint assets bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ $(TPU_STAMP): $(STAMP)
 
 test: $(TPU_STAMP)
 	$(PY) -m pytest -q tests
+
+# The fast tier: every test but those marked slow (tests/conftest.py lists them, by measured time); no libtpu needed.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zhjax tools tests bench

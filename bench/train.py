@@ -146,6 +146,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(SYSTEMS), help="a subset of the rows")
     parser.add_argument("--force", action="store_true", help="run even when the load average is above 1.0")
     args = parser.parse_args()
+    from zhjax._extras import require
+
+    require("torch", "peft", extra="torch", why="the reference side (transformers + peft)", prog="bench/train.py")
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min), {os.cpu_count()} CPUs", flush=True)
     if load[0] > 1.0 and not args.force:

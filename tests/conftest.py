@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# `ZHJAX_TEST_WITHOUT=torch,peft pytest ...` runs the tests as on a machine without those packages: importing
+# them fails and `importlib.util.find_spec` answers None, so their tests skip and zhjax's refusals show.
+for _name in filter(None, (n.strip() for n in os.environ.get("ZHJAX_TEST_WITHOUT", "").split(","))):
+    sys.modules[_name] = None
 SEED_DIR = Path(os.environ.get("ZHJAX_SEED_DIR", REPO_ROOT.parent / "shared" / "seed"))
 
 
@@ -25,3 +31,96 @@ def seed_dir() -> Path:
     if not (SEED_DIR / "chinese_sp.model").exists():
         pytest.skip(f"the seed's reference files are absent from {SEED_DIR} (set ZHJAX_SEED_DIR to their folder)")
     return SEED_DIR
+
+
+# The fast tier (`make test-fast`, `pytest -m "not slow"`) leaves out the tests below: those that took more than
+# 10 s each in `pytest --durations=0`, run file by file on 2 shared CPU cores under a load of ~10 (about 3 s on
+# an idle machine), and the multi-process, whole-training and TPU-compile tests. A name without brackets covers
+# every parametrization. Re-time a file with `pytest --durations=0 tests/FILE` when its tests change.
+SLOW = {
+    "test_assets.py": {"test_smollm2_loads_offline_and_matches_the_gguf_logits"},  # 59 s
+    "test_bench_accelerator.py": {"test_accelerator_benchmark_runs_both_systems_interleaved"},  # 301 s
+    "test_data_loader.py": {
+        "test_two_jax_processes_build_blocks_together_and_read_disjoint_halves_of_each_global_batch",  # 17 s
+    },
+    "test_data_pretrain.py": {"test_peoples_daily_with_smollm2_keeps_every_token"},  # 16 s
+    "test_data_sft.py": {"test_packed_rows_give_the_same_per_example_loss_as_separate_rows"},  # 13 s
+    "test_export.py": {
+        "test_export_tool_writes_float16_shards",  # 88 s
+        "test_plus_recipe_merge_loads_in_transformers_and_matches_peft_and_unmerged_zhjax",  # 14, 18 s
+        "test_seed_release_layout_bin_imports_into_zhjax_and_merges",  # 34 s
+        "test_tied_base_with_drifted_peft_copies_exports_untied",  # 36 s
+        "test_zhjax_adapter_loads_in_peft_on_the_resized_hf_base",  # 53, 57 s
+    },
+    "test_generate.py": {
+        "test_adapter_applied_by_the_cli_equals_the_unmerged_lora_model",  # 25 s
+        "test_cli_input_file_writes_one_output_per_record",  # 88 s
+        "test_cli_prompt_prints_only_the_generated_text",  # 75 s
+        "test_decode_layout_and_cache_give_the_forward_pass_logits",  # 25, 13 s
+        "test_decode_loop_compiles_once_not_per_token",  # 162 s
+        "test_greedy_matches_transformers_left_padded_batch",  # 128 s
+        "test_greedy_matches_transformers_single_prompt",  # 236 s
+        "test_greedy_with_repetition_penalty_matches_transformers_ignoring_padding",  # 98 s
+        "test_sampling_is_reproducible_and_top_k_1_is_greedy",  # 167 s
+    },
+    "test_gguf.py": {"test_smollm2_f16_gguf_matches_the_source"},  # 64 s
+    "test_instructions.py": {
+        "test_build_is_deterministic_and_the_seed_changes_only_the_sampling",  # 16 s
+        "test_splits_are_disjoint_by_document_and_sized_as_asked",  # 12 s
+    },
+    "test_lora.py": {
+        "test_fresh_adapters_use_peft_init_and_leave_the_model_unchanged",  # 12 s
+        "test_lora_dropout_is_random_in_training_and_off_in_eval",  # 33 s
+        "test_lora_on_all_seven_targets_matches_peft_and_merges",  # 31, 21 s
+    },
+    "test_model_parity.py": {"test_remat_policies_do_not_change_logits_or_grads"},  # 22, 15, 14, 14 s
+    "test_multihost.py": {  # 2 processes each, several minutes together
+        "test_two_processes_train_like_one_and_resume_from_their_checkpoint",
+        "test_a_dead_process_makes_the_other_exit_with_an_error_in_bounded_time",
+        "test_a_frozen_process_is_detected_by_heartbeat_and_the_other_exits",
+    },
+    "test_plan.py": {
+        "test_plan_arguments_are_exactly_the_trainer_state_and_batch",  # 22 s
+        "test_plan_main_says_does_not_fit_and_exits_1_when_memory_is_too_small",  # 19 s
+        # compiles of the real step (for CPU devices, or TPU slices through libtpu)
+        "test_plan_cli_on_the_tiny_preset_with_8_cpu_devices_ends_with_the_verdict_line",
+        "test_largest_batch_is_exact_and_needs_few_compiles",
+        "test_tiny_preset_compiles_for_each_tpu_slice",
+        "test_splash_kernel_compiles_for_tpu_and_keeps_no_attention_matrices",
+        "test_splash_lowers_to_the_mosaic_kernel_for_tpu_devices_from_a_cpu_host",
+        "test_seed_7b_pretraining_fits_v5e_8_at_batch_4_per_chip",
+        "test_seed_13b_pretraining_fits_v5e_8",
+    },
+    "test_recipe.py": {"test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages"},  # every stage
+    "test_remote_output.py": {"test_gs_output_dir_gets_checkpoints_and_files_and_resumes_like_a_local_run"},
+    "test_smollm2_parity.py": {"test_smollm2_logits_match_transformers_on_mixed_text"},  # 34 s
+    "test_splash.py": {
+        "test_splash_gradients_match_xla_on_packed_segments",  # 79 s
+        "test_splash_logits_match_transformers_with_left_and_right_padding",  # 23 s
+    },
+    "test_tokenizer_bpe.py": {
+        "test_chinese_cost_falls_to_at_most_0_8_tokens_per_character",  # 26 s
+        "test_resize_report_subword_init_starts_with_the_lowest_chinese_loss",  # 90 s
+    },
+    "test_train_parity.py": {  # thirty training steps against PyTorch
+        "test_thirty_steps_match_pytorch_peft_adamw_cosine",
+        "test_full_finetuning_trains_every_parameter_and_lora_training_none_of_the_base",
+    },
+    "test_trainer.py": {  # whole training runs (each minutes); the config refusal stays in the fast tier
+        "test_cli_trains_tiny_preset_and_writes_a_peft_adapter",
+        "test_resume_after_a_kill_continues_bitwise_and_a_crash_mid_save_keeps_the_last_checkpoint",
+        "test_fsdp_data_and_tensor_meshes_give_single_device_losses_with_real_sharding",
+        "test_splash_attention_under_a_sharded_mesh_gives_the_xla_losses",
+        "test_resume_on_a_different_mesh_continues_the_same_run",
+        "test_nan_loss_stops_the_run_naming_the_step_and_last_checkpoint",
+        "test_adapters_from_continues_an_earlier_lora",
+    },
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of `SLOW` as slow (by function name, or name[params] for one parametrization)."""
+    for item in items:
+        names = SLOW.get(item.path.name, ())
+        if item.name in names or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.slow)

@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.extras import needs_torch, optional
+
+torch, transformers = optional("torch"), optional("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -74,6 +75,7 @@ def hf_greedy(ref, tok, prompts, n, **kwargs) -> list[list[int]]:
     return rows
 
 
+@needs_torch
 def test_greedy_matches_transformers_single_prompt(smollm2):
     tok, ref, decoder = smollm2
     prompt = MIXED_PROMPTS[0]
@@ -84,6 +86,7 @@ def test_greedy_matches_transformers_single_prompt(smollm2):
     assert ours == expected
 
 
+@needs_torch
 def test_greedy_matches_transformers_left_padded_batch(smollm2):
     tok, ref, decoder = smollm2
     ids = [tok(p)["input_ids"] for p in MIXED_PROMPTS]
@@ -92,6 +95,7 @@ def test_greedy_matches_transformers_left_padded_batch(smollm2):
     assert ours == hf_greedy(ref, tok, MIXED_PROMPTS, NEW_TOKENS)
 
 
+@needs_torch
 def test_greedy_with_repetition_penalty_matches_transformers_ignoring_padding(smollm2):
     tok, ref, decoder = smollm2
     ids = [tok(p)["input_ids"] for p in MIXED_PROMPTS]
@@ -122,6 +126,7 @@ def count_compiles():
         logger.removeHandler(handler)
 
 
+@needs_torch
 def test_decode_loop_compiles_once_not_per_token(smollm2):
     tok, _, decoder = smollm2
     pieces = []
@@ -144,6 +149,7 @@ def tiny(assets):
     return tok, Decoder(LlamaForCausalLM(tiny_config(), rngs=nnx.Rngs(0)))
 
 
+@needs_torch
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
     tok, decoder = tiny
     prompts = MIXED_PROMPTS
@@ -161,6 +167,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
     assert generate(decoder, tok, prompts, max_new_tokens=24, top_k=1, seed=5) == greedy
 
 
+@needs_torch
 def test_stop_strings_cut_the_output(tiny):
     tok, decoder = tiny
     kw = dict(max_new_tokens=40, greedy=True, repetition_penalty=1.3, eos_token_id=())
@@ -181,6 +188,7 @@ def test_stop_strings_cut_the_output(tiny):
 # ------------------------------------------------------------------------------- processors vs transformers
 
 
+@needs_torch
 def test_processors_equal_transformers_logits_processors():
     lp = transformers.generation.logits_process
     rng = np.random.default_rng(0)
@@ -205,6 +213,7 @@ def test_processors_equal_transformers_logits_processors():
     np.testing.assert_array_equal(argmax(jnp.asarray(ties)), torch.tensor(ties).argmax(-1))
 
 
+@needs_torch
 @pytest.mark.parametrize("top_k,top_p", [(40, 0.9), (5, 0.3), (0, 0.9), (50, 1.0)])
 def test_sampled_distribution_equals_transformers_pipeline(top_k, top_p):
     lp = transformers.generation.logits_process
@@ -335,6 +344,7 @@ def save_tiny_hf(out_dir, tokenizer_dir):
     return model, tok
 
 
+@needs_torch
 def test_cli_prompt_prints_only_the_generated_text(tmp_path, assets):
     ref, tok = save_tiny_hf(tmp_path / "tiny", assets.smollm2_dir)
     prompt = "你好, world"
@@ -350,6 +360,7 @@ def test_cli_prompt_prints_only_the_generated_text(tmp_path, assets):
     assert result.stdout == expected + "\n"
 
 
+@needs_torch
 def test_cli_input_file_writes_one_output_per_record(tmp_path, assets):
     from zhjax.infer.cli import generate_main
 
@@ -364,6 +375,7 @@ def test_cli_input_file_writes_one_output_per_record(tmp_path, assets):
     assert all(isinstance(o["output"], str) for o in out)
 
 
+@needs_torch
 def test_chat_drops_the_oldest_turns_to_fit_and_keeps_the_system_prompt(assets):
     tok = transformers.AutoTokenizer.from_pretrained(assets.smollm2_dir)
     conv = Conversation("alpaca2", system_prompt="SYS")

@@ -1,4 +1,8 @@
-"""zhjax LoRA computes what `peft` computes, merges to the same model, and splits apart with filters."""
+"""zhjax LoRA computes what `peft` computes, merges to the same model, and splits apart with filters.
+
+The first two tests compare with `peft` on PyTorch and skip without the torch extra; the rest are pure JAX on a
+tiny random model that zhjax itself writes, and run without torch.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,40 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import zhjax
+from zhjax.config import LORA_TARGETS, LoraConfig, ModelConfig
+from zhjax.convert.peft import load_lora_weights, lora_state_dict
+from zhjax.model.lora import merge_lora
+from zhjax.model.params import count_params, split_model, trainable_filter
 
-import zhjax  # noqa: E402
-from zhjax.config import LORA_TARGETS, LoraConfig  # noqa: E402
-from zhjax.convert.peft import load_lora_weights, lora_state_dict  # noqa: E402
-from zhjax.model.lora import merge_lora  # noqa: E402
-from zhjax.model.params import count_params, split_model, trainable_filter  # noqa: E402
+# The shape of tests/test_model_parity.py's random models: hidden 48, mlp 80, 3 layers, vocab 97, untied.
+TINY = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                   max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.2)
 
-from .test_model_parity import hf_logits, random_hf_model  # noqa: E402
+
+def tiny_hf_dir(path):
+    """A tiny random LLaMA written as an HF directory by zhjax itself (no torch needed)."""
+    from zhjax.model.llama import LlamaForCausalLM
+
+    zhjax.save_pretrained(LlamaForCausalLM(TINY, None, rngs=nnx.Rngs(0)), path)
+    return path
+
+
+@pytest.fixture
+def reference():
+    """torch, transformers and peft (the torch extra), with the parity helpers that use them; skips without."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from . import test_model_parity
+
+    return test_model_parity
 
 
 def peft_model_with_random_adapters(base, r=4, alpha=16, targets=LORA_TARGETS):
+    import peft
+    import torch
+
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
     model = peft.get_peft_model(base, config).eval()
     torch.manual_seed(3)
@@ -33,7 +57,10 @@ def peft_model_with_random_adapters(base, r=4, alpha=16, targets=LORA_TARGETS):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_lora_on_all_seven_targets_matches_peft_and_merges(tmp_path, tied):
+def test_lora_on_all_seven_targets_matches_peft_and_merges(tmp_path, tied, reference):
+    import peft
+
+    hf_logits, random_hf_model = reference.hf_logits, reference.random_hf_model
     base = random_hf_model(tmp_path, num_key_value_heads=2, tie_word_embeddings=tied)
     ids = np.random.default_rng(0).integers(0, 97, (2, 16))
     plain_ref = hf_logits(base, ids)
@@ -58,7 +85,11 @@ def test_lora_on_all_seven_targets_matches_peft_and_merges(tmp_path, tied):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
 
 
-def test_save_pretrained_merges_lora_and_transformers_loads_it(tmp_path):
+def test_save_pretrained_merges_lora_and_transformers_loads_it(tmp_path, reference):
+    import peft
+    import transformers
+
+    hf_logits, random_hf_model = reference.hf_logits, reference.random_hf_model
     base = random_hf_model(tmp_path / "base", num_key_value_heads=2)
     pm = peft_model_with_random_adapters(base, targets=("q_proj", "v_proj", "down_proj"))
     ids = np.arange(20)[None] % 97
@@ -72,7 +103,7 @@ def test_save_pretrained_merges_lora_and_transformers_loads_it(tmp_path):
 
 
 def test_fresh_adapters_use_peft_init_and_leave_the_model_unchanged(tmp_path):
-    random_hf_model(tmp_path)
+    tiny_hf_dir(tmp_path)
     plain = zhjax.load_pretrained(tmp_path)
     lora = zhjax.load_pretrained(tmp_path, lora=LoraConfig(r=8, lora_alpha=32))
     ids = jnp.asarray(np.arange(10)[None])
@@ -86,7 +117,7 @@ def test_fresh_adapters_use_peft_init_and_leave_the_model_unchanged(tmp_path):
 
 
 def test_filters_split_adapters_modules_to_save_and_frozen_base(tmp_path):
-    random_hf_model(tmp_path)
+    tiny_hf_dir(tmp_path)
     lora = LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj", "v_proj"))
     model = zhjax.load_pretrained(tmp_path, lora=lora)
     _, trainable, frozen = split_model(model, trainable_filter(lora))
@@ -108,7 +139,7 @@ def test_filters_split_adapters_modules_to_save_and_frozen_base(tmp_path):
 
 
 def test_lora_dropout_is_random_in_training_and_off_in_eval(tmp_path):
-    random_hf_model(tmp_path)
+    tiny_hf_dir(tmp_path)
     model = zhjax.load_pretrained(tmp_path, lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5))
     for _, m in nnx.iter_modules(model):  # non-zero B so dropout shows
         if hasattr(m, "lora_b") and m.lora_b is not None:

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.extras import needs_torch, optional
+
+torch, transformers = optional("torch"), optional("transformers")
 
 import zhjax  # noqa: E402
 from zhjax.convert.hf import config_from_hf  # noqa: E402
@@ -63,6 +64,7 @@ def hf_logits(model, ids, mask=None) -> np.ndarray:
         return model(torch.tensor(ids), **kwargs).logits.float().numpy()
 
 
+@needs_torch
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers_with_padding(tmp_path, case):
     hf = random_hf_model(tmp_path, **CASES[case])
@@ -82,6 +84,7 @@ def test_logits_match_transformers_with_padding(tmp_path, case):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids[:1]))), hf_logits(hf, ids[:1]), atol=1e-4, rtol=0)
 
 
+@needs_torch
 def test_segment_ids_match_separate_sequences(tmp_path):
     hf = random_hf_model(tmp_path, num_key_value_heads=2)
     model = zhjax.load_pretrained(tmp_path)
@@ -108,6 +111,7 @@ def test_legacy_and_new_rope_conventions_read_the_same(tmp_path):
     assert config_from_hf(no_theta).rope_theta == 10000.0
 
 
+@needs_torch
 @pytest.mark.parametrize("legacy_rope", [False, True])
 def test_exported_config_is_read_back_by_transformers(tmp_path, legacy_rope):
     src, out = tmp_path / "src", tmp_path / "out"
@@ -123,6 +127,7 @@ def test_exported_config_is_read_back_by_transformers(tmp_path, legacy_rope):
     np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(hf, ids))
 
 
+@needs_torch
 def test_bfloat16_forward_is_close_to_float32(tmp_path):
     random_hf_model(tmp_path)
     ids = jnp.asarray(np.arange(16)[None] % 97)
@@ -134,6 +139,7 @@ def test_bfloat16_forward_is_close_to_float32(tmp_path):
     assert np.abs(np.asarray(bf16) - f32).max() < 0.15 * np.abs(f32).max()
 
 
+@needs_torch
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_with_no_batch_dims", "save_only_these_names"])
 def test_remat_policies_do_not_change_logits_or_grads(tmp_path, remat):
     import jax

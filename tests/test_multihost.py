@@ -210,3 +210,40 @@ def test_initialize_is_a_no_op_for_one_process_and_checks_explicit_flags(monkeyp
     mesh.add_distributed_args(parser)
     args = parser.parse_args(["--coordinator", "10.0.0.2:8476", "--process-id", "3"])
     assert args.num_processes == 4  # from JAX_NUM_PROCESSES
+
+
+def test_initialize_leaves_the_process_excepthook_alone(monkeypatch):
+    import jax
+
+    from zhjax.parallel import mesh
+
+    started = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # keep this process's collectives setting
+    before = sys.excepthook
+    assert mesh.initialize("127.0.0.1:1234", 2, 1) is True
+    assert started and started[0]["process_id"] == 1
+    assert sys.excepthook is before
+
+
+def test_explain_peer_failures_notes_a_failed_collective_and_reraises(monkeypatch, capsys):
+    import jax
+
+    from zhjax.parallel import mesh
+
+    failure = RuntimeError("Gloo: Connection reset by peer")
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError) as raised, mesh.explain_peer_failures():
+        raise failure
+    assert raised.value is failure and capsys.readouterr().err == ""  # a single process: nothing to explain
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    with pytest.raises(ValueError, match="bad config"), mesh.explain_peer_failures():
+        raise ValueError("bad config")
+    assert capsys.readouterr().err == ""  # not a collective failure
+    with pytest.raises(RuntimeError) as raised, mesh.explain_peer_failures():
+        raise failure
+    assert raised.value is failure
+    err = capsys.readouterr().err
+    assert "a collective with the other processes failed, most likely because one of them died" in err
+    assert len(err.strip().splitlines()) == 1

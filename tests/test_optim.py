@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests.extras import needs_torch, optional
 from zhjax.train.optim import (
     OptimConfig,
     accumulate_gradients,
@@ -22,8 +23,7 @@ from zhjax.train.optim import (
     parameter_name,
 )
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch, transformers = optional("torch"), optional("transformers")
 
 STEPS = 30
 TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -116,6 +116,7 @@ def tiny_llama_states(lora, filt, **config):
     return graphdef, jax.tree.map(fill, trainable), jax.tree.map(fill, frozen)
 
 
+@needs_torch
 @pytest.mark.parametrize(
     ("num_training_steps", "warmup_ratio", "warmup_steps"),
     [(30, 0.05, 0), (1000, 0.03, 0), (7, 0.5, 0), (100, 0.0, 0), (30, 0.05, 5)],
@@ -132,6 +133,7 @@ def test_warmup_ratio_005_on_30_steps_is_hfs_ceil():
     np.testing.assert_allclose(learning_rate_schedule(cfg, STEPS)(jnp.arange(3)), [0.0, 0.5, 1.0], rtol=1e-7)
 
 
+@needs_torch
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant_with_warmup"])
 @pytest.mark.parametrize(("num_training_steps", "warmup_ratio"), [(STEPS, 0.05), (1000, 0.03)])
 def test_lr_schedule_equals_hf_scheduler_step_for_step(kind, num_training_steps, warmup_ratio):
@@ -141,6 +143,7 @@ def test_lr_schedule_equals_hf_scheduler_step_for_step(kind, num_training_steps,
     np.testing.assert_allclose(ours, hf_lrs(cfg, num_training_steps), rtol=1e-6, atol=0)
 
 
+@needs_torch
 def test_decay_mask_matches_hf_trainer_groups():
     params = {name: np.zeros(shape, np.float32) for name, (shape, _) in SHAPES.items()}
     mask = flatten(decay_mask(nest(params)))
@@ -149,6 +152,7 @@ def test_decay_mask_matches_hf_trainer_groups():
     assert not mask["norm.scale"] and not mask["layers.self_attn.q_proj.bias"] and mask["lm_head.kernel"]
 
 
+@needs_torch
 def test_decay_mask_on_zhjax_llama_state_matches_hf_trainer_on_peft_llama():
     peft = pytest.importorskip("peft")
     from flax import nnx
@@ -220,6 +224,7 @@ def random_gradients(rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
     ]
 
 
+@needs_torch
 @pytest.mark.parametrize("max_grad_norm", [1.0, None])
 def test_clip_and_adamw_match_torch_for_30_steps(max_grad_norm):
     rng = np.random.default_rng(0)

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.extras import needs_torch, optional
+
+torch, transformers = optional("torch"), optional("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@needs_torch
 def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_path, assets, capsys):
     from zhjax.recipe import load_recipe_config, run_recipe
 

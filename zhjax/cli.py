@@ -18,7 +18,7 @@ def _train(kind: str, argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML job config (see configs/)")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="start fresh instead of resuming")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the YAML config")
-    from zhjax.parallel.mesh import add_distributed_args, initialize_from_args
+    from zhjax.parallel.mesh import add_distributed_args, explain_peer_failures, initialize_from_args
 
     add_distributed_args(parser)
     args = parser.parse_args(argv)
@@ -44,7 +44,8 @@ def _train(kind: str, argv: list[str]) -> int:
 
     from zhjax.train.trainer import train
 
-    summary = train(cfg, kind)
+    with explain_peer_failures():
+        summary = train(cfg, kind)
     print(f"done: {summary['step']} steps, output in {summary['output_dir']}")
     return 0
 
@@ -61,7 +62,13 @@ def _recipe(argv: list[str]) -> int:
     except ValueError as e:
         print(f"zhjax recipe: {e}", file=sys.stderr)
         return 2
-    run_recipe(cfg)
+    from zhjax._extras import MissingExtra
+
+    try:
+        run_recipe(cfg)
+    except MissingExtra as e:  # raised before any stage runs
+        print(f"zhjax recipe: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

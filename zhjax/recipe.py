@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zhjax._extras import require
 from zhjax.config import PretrainConfig, SFTConfig
 from zhjax.tokenizer.transfer import TransferConfig
 
@@ -130,6 +131,7 @@ class Stages:
 
 def run_recipe(cfg: RecipeConfig) -> dict:
     """Run every stage (cached ones are skipped) and return the results table as a dict."""
+    require("torch", extra="torch", why="the recipe's evaluate stage (the exported models scored by transformers on PyTorch)")
     from zhjax.train.trainer import train
 
     work = Path(cfg.work_dir)

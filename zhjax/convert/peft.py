@@ -37,6 +37,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from zhjax._extras import require
 from zhjax.config import LORA_TARGETS, ModelConfig
 from zhjax.convert.hf import ConversionError, _SafetensorsFile
 
@@ -256,6 +257,7 @@ class _TorchWeights:
     """A `.bin` adapter state dict, loaded through `torch.load(weights_only=True)` (never unpickling code)."""
 
     def __init__(self, path: Path):
+        require("torch", extra="torch", why=f"{path}: reading a .bin adapter")
         import torch
 
         try:

@@ -18,9 +18,11 @@ seconds instead of waiting forever.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
@@ -130,7 +132,6 @@ def initialize(
         heartbeat_timeout_seconds=heartbeat_timeout,
         shutdown_timeout_seconds=shutdown_timeout,
     )
-    _explain_peer_failures()
     return True
 
 
@@ -150,21 +151,28 @@ def slurm_node_devices(environ: dict[str, str] | None = None) -> list[int] | Non
     return None
 
 
-def _explain_peer_failures() -> None:
-    """Prefix an uncaught collective failure with what it most likely means (a peer process died)."""
-    previous = sys.excepthook
+# What a failed collective says when the real fault is a peer process that died or froze.
+_PEER_FAILURE_SIGNS = ("Gloo", "Connection reset", "coordination service", "heartbeat")
 
-    def hook(kind, value, tb):
-        text = str(value)
-        if any(s in text for s in ("Gloo", "Connection reset", "coordination service", "heartbeat")):
+
+@contextlib.contextmanager
+def explain_peer_failures() -> Iterator[None]:
+    """Around a multi-process run: a collective failure that leaves the block is explained on stderr, then re-raised.
+
+    The exception is unchanged; a one-line note says what it most likely means (a peer process died, and its own
+    log holds the first error). Scoped to the block rather than installed as `sys.excepthook`, so importing or
+    initializing zhjax never changes how the rest of the process reports its errors.
+    """
+    try:
+        yield
+    except Exception as e:
+        if jax.distributed.is_initialized() and any(s in str(e) for s in _PEER_FAILURE_SIGNS):
             print(
                 f"zhjax: process {jax.process_index()} of {jax.process_count()} stopped: a collective with the other "
                 "processes failed, most likely because one of them died; see its log for the first error.",
                 file=sys.stderr,
             )
-        previous(kind, value, tb)
-
-    sys.excepthook = hook
+        raise
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
