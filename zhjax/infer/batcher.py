@@ -44,7 +44,13 @@ import numpy as np
 
 from zhjax.config import ModelConfig
 from zhjax.infer.generate import Decoder, prompt_bucket
-from zhjax.infer.sampling import NEG_INF, _top_p_remove_sorted, apply_repetition_penalty, apply_temperature, argmax
+from zhjax.infer.sampling import (
+    NEG_INF,
+    _top_p_remove_sorted,
+    apply_repetition_penalty,
+    apply_temperature,
+    argmax,
+)
 from zhjax.model.decode import DecodeLayer, KVCache, decode, decode_logits, init_kv_cache
 
 log = logging.getLogger(__name__)
@@ -253,6 +259,7 @@ class Batcher:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.failed: BaseException | None = None
+        self.released = 0  # requests cancelled while they held a slot
 
     # ------------------------------------------------------------------------------------------- public API
 
@@ -351,6 +358,7 @@ class Batcher:
             self.state = _release(self.state, jnp.asarray(rows))
             for row in np.flatnonzero(rows):
                 self.slots[row] = None
+            self.released += int(rows.sum())
 
     def _admit(self) -> bool:
         admitted = False
