@@ -4,9 +4,13 @@ disconnect that frees its slot, and the chat page."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +26,11 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import zhjax  # noqa: E402
 from zhjax.config import ModelConfig  # noqa: E402
 from zhjax.infer.batcher import Batcher, Request  # noqa: E402
-from zhjax.infer.generate import Decoder, generate_ids  # noqa: E402
+from zhjax.infer.chat import build_prompt  # noqa: E402
+from zhjax.infer.generate import Decoder, generate, generate_ids  # noqa: E402
 from zhjax.infer.serve import Settings, build_server, create_app  # noqa: E402
 from zhjax.model.llama import LlamaForCausalLM  # noqa: E402
 
@@ -327,3 +333,53 @@ def test_health_and_the_chat_page(live):
     for element in ('id="input"', 'id="reset"', 'id="temperature"', "/v1/chat/completions"):
         assert element in page
 
+
+
+# ------------------------------------------------------------------------------------------- the real command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_zhjax_serve_command_with_smollm2_answers_as_generate_does(assets, tmp_path):
+    """`zhjax serve` as a user starts it, SmolLM2 behind it: the chat answer (greedy, the seed's penalty) equals
+    `generate`'s for the same prompt, streamed or not."""
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zhjax.cli", "serve", "--model", str(assets.smollm2_dir), "--port", str(port),
+         "--max-batch", "4", "--max-seq-len", "256", "--model-name", "smollm2"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "zhjax serve did not come up in 300 s"
+            with contextlib.suppress(OSError):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            time.sleep(1)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=300, max_retries=0)
+        messages = [{"role": "user", "content": "What is the capital of China? 中国的首都是哪里？"}]
+        whole = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="smollm2", messages=messages, max_tokens=24, temperature=0, stream=True))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    tok = transformers.AutoTokenizer.from_pretrained(assets.smollm2_dir)
+    ids = build_prompt("chat", messages[0]["content"], tok)
+    expected = generate(zhjax.load_pretrained(assets.smollm2_dir, dtype="float32"), tok, [ids], max_new_tokens=24,
+                        greedy=True, repetition_penalty=1.1)[0]
+    assert whole.choices[0].message.content == expected and expected
+    assert streamed == expected
+    assert whole.usage.prompt_tokens == len(ids)
