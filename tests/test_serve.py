@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -383,3 +384,63 @@ def test_zhjax_serve_command_with_smollm2_answers_as_generate_does(assets, tmp_p
     assert whole.choices[0].message.content == expected and expected
     assert streamed == expected
     assert whole.usage.prompt_tokens == len(ids)
+
+
+# ------------------------------------------------------------------------------------------- the page in a browser
+
+
+def chat_answer(base: str, messages: list[dict], max_tokens: int) -> str:
+    _, _, reply = post(base, "/v1/chat/completions", {"model": "tiny", "messages": messages,
+                                                       "max_tokens": max_tokens, "temperature": 0})
+    return reply["choices"][0]["message"]["content"]
+
+
+def test_chat_page_in_a_headless_browser_streams_keeps_history_and_resets(live, tmp_path):
+    """Debian's chromium driven by playwright: type, see the answer stream in, ask again (the history goes with
+    it), reset. A screenshot is saved (its path is printed)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra has it)")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("no system chromium: `apt-get install -y chromium` to run the browser test of the chat page")
+    base = live[0]
+    sent: list[dict] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: r.url.endswith("/chat/completions") and sent.append(r.post_data_json))
+            page.goto(base + "/")
+            sync_api.expect(page.locator("#status")).to_contain_text("tiny")
+            assert page.input_value("#temperature") == "0.2" and page.input_value("#top_k") == "40"
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "24")
+            page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
+                .observe(document.getElementById('messages'), {subtree: true, childList: true,
+                                                               characterData: true}); }""")
+            page.fill("#input", "你好，长城有多长？")
+            page.press("#input", "Enter")
+            first = page.locator(".assistant").nth(0)
+            sync_api.expect(first).to_have_attribute("data-done", "true", timeout=60_000)
+            expected = chat_answer(base, [{"role": "user", "content": "你好，长城有多长？"}], 24)
+            assert first.text_content() == expected and expected
+            assert page.evaluate("window.updates") > 3  # the answer came in pieces, not at once
+            page.fill("#input", "再说一遍。")
+            page.click("#send")
+            second = page.locator(".assistant").nth(1)
+            sync_api.expect(second).to_have_attribute("data-done", "true", timeout=60_000)
+            history = [{"role": "user", "content": "你好，长城有多长？"}, {"role": "assistant", "content": expected},
+                       {"role": "user", "content": "再说一遍。"}]
+            assert sent[1]["messages"] == history and sent[1]["stream"] is True
+            assert second.text_content() == chat_answer(base, history, 24)
+            shot = tmp_path / "chat_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot of the chat page: {shot}")
+            page.click("#reset")
+            assert page.locator(".user").count() == 0 and page.locator(".assistant").count() == 0
+            sync_api.expect(page.locator(".note")).to_contain_text("history cleared")
+            page.fill("#input", "新问题")
+            page.press("#input", "Enter")
+            sync_api.expect(page.locator(".assistant").nth(0)).to_have_attribute("data-done", "true", timeout=60_000)
+            assert sent[2]["messages"] == [{"role": "user", "content": "新问题"}]  # reset forgot the history
+        finally:
+            browser.close()
