@@ -302,17 +302,24 @@ def test_old_turns_are_dropped_to_fit_the_context(live):
     assert reply["usage"]["prompt_tokens"] + 8 <= MAX_SEQ_LEN
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_slot(live, stream):
     base, server, _ = live
     before = server.batcher.released
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": MAX_SEQ_LEN - 8, "stream": True, "temperature": 0,
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": MAX_SEQ_LEN - 8, "stream": stream, "temperature": 0,
             "stop": "never-appears-in-this-output-\u2603"}
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    assert resp.read(6) == b"data: "  # streaming has begun
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.read(6) == b"data: "  # streaming has begun
+    else:
+        deadline = time.monotonic() + 30
+        while not server.batcher.active:  # wait until it holds a slot
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     conn.sock.close()
     conn.close()
     deadline = time.monotonic() + 30

@@ -264,16 +264,19 @@ class _Call:
         for i, (ids, n) in enumerate(zip(self.prompts, self.max_tokens, strict=True)):
             sink = lambda new, reason, i=i: loop.call_soon_threadsafe(inbox.put_nowait, (i, new, reason))
             choices.append(_Choice(_RowText(), [], server._request(self.body, ids, n, sink)))
+        # a streamed response is cancelled by starlette when its client goes; a whole one watches for it here
+        gone = None if self.body.stream else asyncio.ensure_future(self._disconnected())
         try:
             for c in choices:
                 batcher.submit(c.request)
             while any(c.finish is None for c in choices):
-                try:
-                    i, new, reason = await asyncio.wait_for(inbox.get(), timeout=0.5)
-                except TimeoutError:
-                    if await self.http.is_disconnected():
-                        return
-                    continue
+                get = asyncio.ensure_future(inbox.get())
+                done, _ = await asyncio.wait({get} if gone is None else {get, gone},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    return
+                i, new, reason = get.result()
                 if reason == "error":
                     raise ApiError(500, "the decoding engine failed; see the server log", code="engine_error")
                 c = choices[i]
@@ -292,9 +295,15 @@ class _Call:
                 if deltas or reason:
                     yield i, "".join(deltas), reason
         finally:
+            if gone is not None:
+                gone.cancel()
             for c in choices:
                 batcher.cancel(c.request)
             self.tokens = [len(c.tokens) for c in choices]
+
+    async def _disconnected(self) -> None:
+        while (await self.http.receive())["type"] != "http.disconnect":
+            pass
 
     async def stream(self) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format."""
