@@ -306,7 +306,8 @@ class _Call:
             pass
 
     async def stream(self) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format."""
+        """Server-sent events in OpenAI's chunk format (a comment first, so the client has its 200 at once)."""
+        yield ": zhjax\n\n"
         if self.chat:
             yield _sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None} for i in range(len(self.prompts))]))
