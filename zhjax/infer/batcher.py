@@ -264,7 +264,10 @@ class Batcher:
     # ------------------------------------------------------------------------------------------- public API
 
     def submit(self, request: Request) -> None:
-        """Queue a request (any thread). Its prompt plus `max_tokens` must fit `max_seq_len`."""
+        """Queue a request (any thread). Its prompt plus `max_tokens` must fit `max_seq_len`; raises RuntimeError
+        when the engine has failed."""
+        if self.failed is not None:
+            raise RuntimeError(f"the decoding engine failed: {self.failed!r}")
         if not request.prompt_ids:
             raise ValueError("the prompt has no tokens")
         if len(request.prompt_ids) + request.max_tokens > self.max_seq_len or request.max_tokens < 1:

@@ -234,6 +234,8 @@ class _Call:
 
     def __init__(self, server: Server, body: _Common, prompts: list[list[int]], chat: bool, http: Request):
         self.server, self.body, self.prompts, self.chat, self.http = server, body, prompts, chat, http
+        if server.batcher.failed is not None:
+            raise ApiError(503, "the decoding engine failed; see the server log", code="engine_error")
         requested = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
         self.max_tokens = [server._budget(len(p), requested) for p in prompts]
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
