@@ -158,7 +158,7 @@ class _Choice:
 
 
 class Server:
-    """The app's state: tokenizer, batcher and settings; `app()` builds the FastAPI application."""
+    """The app's state: tokenizer, batcher and settings; `create_app(server)` builds the FastAPI application."""
 
     def __init__(self, batcher: batching.Batcher, tokenizer, settings: Settings):
         self.batcher, self.tokenizer, self.settings = batcher, tokenizer, settings
@@ -205,7 +205,7 @@ class Server:
         requested = body.max_completion_tokens or body.max_tokens
         reserve = requested or min(self.settings.max_tokens, limit // 2)
         ids, dropped = conversation.prompt_ids(self.tokenizer, pending, max(limit - reserve, 1))
-        if not conversation.turns:  # prompt_ids cuts an over-long last turn to fit; here that is an error
+        if not conversation.turns:  # prompt_ids cuts an over-long last turn to fit; here it is a 413 (`_budget`)
             ids = Conversation(self.settings.template, conversation.system_prompt).prompt_ids(
                 self.tokenizer, pending)[0]
         return ids, dropped
@@ -219,6 +219,7 @@ class Server:
             repetition_penalty=s.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
             seed=secrets.randbits(31) if body.seed is None else body.seed,
         )
+
 
 def _usage(prompts: list[list[int]], completion: list[int]) -> dict:
     p, c = sum(len(x) for x in prompts), sum(completion)
