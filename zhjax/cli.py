@@ -1,4 +1,4 @@
-"""The `zhjax` command: `zhjax pretrain | sft | recipe | plan | generate | chat ...`.
+"""The `zhjax` command: `zhjax pretrain | sft | recipe | plan | generate | chat | serve ...`.
 
 Argument parsing only; the work is in `zhjax.train.trainer`, `zhjax.recipe`, `zhjax.plan_cli` and `zhjax.infer`.
 """
@@ -90,6 +90,12 @@ def _chat(argv: list[str]) -> int:
     return chat_main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    from zhjax.infer.serve import serve_main
+
+    return serve_main(argv)
+
+
 COMMANDS = {
     "plan": _plan,
     "pretrain": lambda argv: _train("pretrain", argv),
@@ -97,6 +103,7 @@ COMMANDS = {
     "recipe": _recipe,
     "generate": _generate,
     "chat": _chat,
+    "serve": _serve,
 }
 
 

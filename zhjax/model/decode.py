@@ -22,7 +22,8 @@ separate kernel. `decode_weights` therefore prepares, once per model:
 `decode` runs input ids against a `KVCache` with the same numerics as `LlamaForCausalLM` (the norm, RoPE and
 attention primitives are shared with it; `tests/test_generate.py` checks the logits against the model's forward
 pass, with LoRA, biases and untied embeddings). The keys and values of the new tokens are written at
-`cache_index` (the same slots for every row: left padding keeps rows aligned at their ends), `positions` are
+`cache_index` (the same slots for every row: left padding keeps rows aligned at their ends; or, a `[batch]`
+vector, a slot per row, as the server's continuous batching needs), `positions` are
 their RoPE positions (per row, counted from the row's first real token) and `kv_valid` `[batch, max_len]` marks
 the slots that hold real tokens, including the ones written now; a query at slot `s` sees valid slots `<= s`.
 A prompt is one call at index 0; each new token is a call with one token at a traced index, so one compiled
@@ -141,15 +142,21 @@ def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, 
 
 
 def cached_attention(q, k, v, mask, kv: tuple[jax.Array, jax.Array], cache_index):
-    """Write k/v `[batch, t, kv_heads, head_dim]` into one layer's cache at `cache_index` and attend `q`
+    """Write k/v `[batch, t, kv_heads, head_dim]` into one layer's cache at `cache_index` (a scalar, or a slot
+    per row `[batch]`) and attend `q`
     `[batch, t, heads, head_dim]` over every slot allowed by `mask` `[batch, 1, t, max_len]`. Scores and softmax
     in float32. Returns `(out [batch, t, heads, head_dim], (k_cache, v_cache))`."""
     b, t, h, d = q.shape
     k_cache, v_cache = kv
     kvh = k_cache.shape[1]
-    start = (0, 0, cache_index, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+    k_new, v_new = (x.transpose(0, 2, 1, 3).astype(k_cache.dtype) for x in (k, v))
+    if jnp.ndim(cache_index) == 1:  # a slot per row (continuous batching: rows at different lengths)
+        write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))
+        k_cache, v_cache = write(k_cache, k_new, cache_index), write(v_cache, v_new, cache_index)
+    else:
+        start = (0, 0, cache_index, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, start)
     qg = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)  # [b, kvh, group, t, d]
     scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, :, None], scores / math.sqrt(d), jnp.finfo(jnp.float32).min)
@@ -234,9 +241,10 @@ def decode(
                          "(init_kv_cache(stacked=...))")
     max_len = (cache.k if stacked else cache.k[0]).shape[-2]
     cos, sin = rope_tables(config, positions)
-    query_slots = cache_index + jnp.arange(t)
-    causal = jnp.arange(max_len)[None, :] <= query_slots[:, None]
-    mask = kv_valid.astype(bool)[:, None, None, :] & causal[None, None]
+    query_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(t)  # [t], or [batch, t] with a slot per row
+    causal = jnp.arange(max_len) <= query_slots[..., None]
+    causal = causal if causal.ndim == 3 else causal[None]
+    mask = kv_valid.astype(bool)[:, None, None, :] & causal[:, None]
     h = jnp.take(weights.embed, input_ids, axis=0).astype(jnp.dtype(config.dtype))
 
     def body(h, xs):
