@@ -84,3 +84,43 @@ def test_no_extension_sft_needs_the_no_extension_run():
 
     with pytest.raises(ValueError, match="no_extension_sft tunes the no_extension run"):
         load_recipe_config(None, ["compare=[no_extension_sft]"])
+
+
+def test_learning_curves_of_both_runs_at_the_same_steps_are_drawn(tmp_path, assets):
+    """`curve_lines` scores a fixed held-out slice at step 0 and every eval_steps in the run with extension and
+    the one without (same steps with `no_extension_budget: steps`), and draws both curves into a PNG."""
+    from zhjax.recipe import load_recipe_config, run_recipe
+
+    tok = transformers.AutoTokenizer.from_pretrained(REPO / "configs" / "tiny" / "tokenizer")
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    tagged = tmp_path / "tagged.txt"
+    tagged.write_text("\n".join(assets.corpus_tagged.read_text(encoding="utf-8").splitlines()[:1500]) + "\n",
+                      encoding="utf-8")
+    job = ["dtype=float32", "data.block_size=64", "per_device_train_batch_size=2", "max_steps=4",
+           "logging_steps=2", "eval_steps=2", "save_steps=0", f"data.data_cache_dir={tmp_path / 'cache'}"]
+    overrides = [f"base_model={tmp_path / 'base'}", f"corpus_tagged={tagged}", f"work_dir={tmp_path / 'work'}",
+                 "max_examples=120", "new_tokens=40", "eval.heldout_lines=10", "eval.test_examples=2",
+                 "eval.max_new_tokens=4", *[f"pretrain.{o}" for o in job], *[f"sft.{o}" for o in job],
+                 "sft.eval_steps=0", "sft.data.max_seq_length=512", "compare=[no_extension]",
+                 "no_extension_budget=steps", "curve_lines=6", "transfer.sample_characters=3000"]
+    results = run_recipe(load_recipe_config(None, overrides))
+
+    curves = results["learning_curves"]
+    assert set(curves) == {"with extension", "without extension", "base model"}
+    for name in ("with extension", "without extension"):
+        c = curves[name]
+        assert c["steps"] == [0, 2, 4]
+        assert c["seconds"][0] == 0 and c["seconds"][1] < c["seconds"][2]
+        assert c["characters"][0] == 0 and c["characters"][1] < c["characters"][2]
+        assert all(v > 0 for v in c["bits_per_char"])
+    # the same steps (compute); the extended tokenizer covers more characters per step
+    assert curves["with extension"]["characters"][-1] > curves["without extension"]["characters"][-1]
+    assert curves["base model"]["bits_per_char"] == curves["without extension"]["bits_per_char"][:1]
+    png = tmp_path / "work" / "learning_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -38,6 +38,7 @@ from flax import nnx
 
 from zhjax.config import ModelConfig
 from zhjax.infer.sampling import Knobs, Sampler, choose_tokens, make_knobs
+from zhjax.tokenizer.utf8 import NUM_STATES, Utf8Constraint
 from zhjax.model.decode import DecodeLayer, KVCache, decode, decode_logits, decode_weights, init_kv_cache
 
 PROMPT_BUCKET = 32
@@ -58,6 +59,9 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [batch] bool
     seen: jax.Array  # [batch, vocab] bool: tokens in the row so far (repetition penalty)
     key: jax.Array  # PRNG key; step s samples with fold_in(key, s)
+    utf8: jax.Array  # [batch] int32: where UTF-8 stands after the row (zhjax.tokenizer.utf8 states)
+    utf8_allowed: jax.Array  # [NUM_STATES, vocab] bool: tokens that keep the text valid UTF-8 (`zhjax.tokenizer.utf8`)
+    utf8_next: jax.Array  # [NUM_STATES, vocab] int32: the state after each token
 
 
 class Decoder:
@@ -75,6 +79,16 @@ class Decoder:
         self.weights = decode_weights(model, unstack=unstack)
 
 
+def _utf8_choose(logits, state, allowed, next_state, seen, key, sampler, knobs):
+    """The next tokens with those that would leave bytes no later token can complete masked out, and the new
+    UTF-8 states (an all-True table, as when the constraint is off, changes nothing)."""
+    rows = jnp.arange(logits.shape[0])
+    ok = allowed[state]
+    logits = jnp.where(ok, logits, jnp.finfo(logits.dtype).min)
+    tok = choose_tokens(logits, seen, key, sampler, knobs)
+    return tok, next_state[state, tok].astype(jnp.int32) * ok[rows, tok]
+
+
 def _is_eos(tokens: jax.Array, sampler: Sampler) -> jax.Array:
     if not sampler.eos_ids:
         return jnp.zeros(tokens.shape, bool)
@@ -82,8 +96,8 @@ def _is_eos(tokens: jax.Array, sampler: Sampler) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "max_len", "max_new_tokens"))
-def _prefill(weights, input_ids, attention_mask, key, knobs: Knobs, *, config: ModelConfig, sampler: Sampler,
-             max_len: int, max_new_tokens: int) -> DecodeState:
+def _prefill(weights, input_ids, attention_mask, key, knobs: Knobs, utf8, utf8_allowed, utf8_next, *,
+             config: ModelConfig, sampler: Sampler, max_len: int, max_new_tokens: int) -> DecodeState:
     b, p = input_ids.shape
     mask = attention_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
@@ -93,11 +107,11 @@ def _prefill(weights, input_ids, attention_mask, key, knobs: Knobs, *, config: M
     logits = decode_logits(config, weights, hidden[:, -1:])[:, 0]
     rows = jnp.arange(b)
     seen = jnp.zeros(logits.shape, jnp.int32).at[rows[:, None], input_ids].add(mask.astype(jnp.int32)) > 0
-    tok = choose_tokens(logits, seen, jax.random.fold_in(key, 0), sampler, knobs)
+    tok, utf8 = _utf8_choose(logits, utf8, utf8_allowed, utf8_next, seen, jax.random.fold_in(key, 0), sampler, knobs)
     tokens = jnp.full((b, max_new_tokens), sampler.pad_id, jnp.int32).at[:, 0].set(tok)
     return DecodeState(
         cache, kv_valid, tokens, tok, positions[:, -1] + 1, jnp.int32(p), jnp.int32(1), _is_eos(tok, sampler),
-        seen.at[rows, tok].set(True), key,
+        seen.at[rows, tok].set(True), key, utf8, utf8_allowed, utf8_next,
     )
 
 
@@ -117,11 +131,13 @@ def _decode(weights, state: DecodeState, limit, knobs: Knobs, *, config: ModelCo
             kv_valid=kv_valid,
         )
         logits = decode_logits(config, weights, hidden)[:, 0]
-        tok = choose_tokens(logits, s.seen, jax.random.fold_in(s.key, s.step), sampler, knobs)
+        tok, utf8 = _utf8_choose(logits, s.utf8, s.utf8_allowed, s.utf8_next, s.seen,
+                                 jax.random.fold_in(s.key, s.step), sampler, knobs)
         tok = jnp.where(s.done, sampler.pad_id, tok)
         return DecodeState(
             cache, kv_valid, jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)), tok, s.position + 1,
-            s.slot + 1, s.step + 1, s.done | _is_eos(tok, sampler), s.seen.at[rows, tok].set(True), s.key,
+            s.slot + 1, s.step + 1, s.done | _is_eos(tok, sampler), s.seen.at[rows, tok].set(True), s.key, utf8,
+            s.utf8_allowed, s.utf8_next,
         )
 
     return jax.lax.while_loop(cond, body, state)
@@ -144,7 +160,7 @@ class _Run:
     """One batch being generated: the device state and the host's view of it."""
 
     def __init__(self, decoder: Decoder, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 sampler: Sampler, knobs: Knobs, seed: int):
+                 sampler: Sampler, knobs: Knobs, seed: int, utf8: Utf8Constraint | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         lengths = [len(row) for row in prompt_ids]
@@ -158,9 +174,20 @@ class _Run:
             mask[i, width - len(row):] = 1
         self.decoder, self.sampler, self.knobs = decoder, sampler, knobs
         self.max_new_tokens = max_new_tokens
+        vocab = decoder.config.vocab_size
+        if utf8 is None:  # no constraint: one state in which every token is allowed
+            start = np.zeros(len(lengths), np.int32)
+            allowed, nxt = np.ones((NUM_STATES, vocab), bool), np.zeros((NUM_STATES, vocab), np.int32)
+        else:
+            start = np.array([utf8.state_after(row) for row in prompt_ids], np.int32)
+            allowed = np.zeros((NUM_STATES, vocab), bool)
+            nxt = np.zeros((NUM_STATES, vocab), np.int32)
+            cols = min(vocab, utf8.allowed.shape[1])
+            allowed[:, :cols], nxt[:, :cols] = utf8.allowed[:, :cols], utf8.next_state[:, :cols]
         self.state = _prefill(
-            decoder.weights, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed), knobs, config=decoder.config,
-            sampler=sampler, max_len=_round_up(width + max_new_tokens, CACHE_BUCKET), max_new_tokens=max_new_tokens,
+            decoder.weights, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed), knobs, jnp.asarray(start),
+            jnp.asarray(allowed), jnp.asarray(nxt), config=decoder.config, sampler=sampler,
+            max_len=_round_up(width + max_new_tokens, CACHE_BUCKET), max_new_tokens=max_new_tokens,
         )
         self.step = 1
 
@@ -260,6 +287,17 @@ class _RowText:
     final: bool = False
 
 
+_UTF8_TABLES: dict[int, tuple[object, Utf8Constraint]] = {}
+
+
+def _utf8_table(tokenizer) -> Utf8Constraint:
+    """The tokenizer's UTF-8 tables, built once per tokenizer object (a chat session reuses them)."""
+    held = _UTF8_TABLES.get(id(tokenizer))
+    if held is None or held[0] is not tokenizer:
+        held = _UTF8_TABLES[id(tokenizer)] = (tokenizer, Utf8Constraint.from_tokenizer(tokenizer))
+    return held[1]
+
+
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
@@ -281,6 +319,7 @@ def generate(
     stream: Callable[[int, str], None] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     add_special_tokens: bool = True,
+    complete_characters: bool = True,
 ) -> list[str]:
     """Generate a continuation of each prompt; returns the new text of each (EOS and stop strings cut off).
 
@@ -289,7 +328,9 @@ def generate(
     as `transformers` does; pass `repetition_penalty=1.0` for plain greedy decoding). `prompts` are strings
     (tokenized with `add_special_tokens`) or lists of token ids. A row ends at EOS (the model config's and the
     tokenizer's, or `eos_token_id`), at the first of the `stop` strings, or after `max_new_tokens`.
-    `stream(row, text)` is called with each row's new text as soon as it is final.
+    `stream(row, text)` is called with each row's new text as soon as it is final. With `complete_characters`
+    (the default) no token may leave bytes that cannot complete a UTF-8 character (`zhjax.tokenizer.utf8`), so
+    the text holds no U+FFFD; a row cut by `max_new_tokens` inside a character drops that character's bytes.
     """
     decoder = model if isinstance(model, Decoder) else Decoder(model)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -302,7 +343,8 @@ def generate(
     sampler, knobs = _make_sampler(decoder.config, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, eos_ids=eos,
                                    pad_id=getattr(tokenizer, "pad_token_id", None))
-    run = _Run(decoder, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, knobs=knobs, seed=seed)
+    utf8 = _utf8_table(tokenizer) if complete_characters else None
+    run = _Run(decoder, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, knobs=knobs, seed=seed, utf8=utf8)
     rows = [_RowText() for _ in prompt_ids]
     holdback = max((len(s) for s in stops), default=1) - 1
     chunk = 1 if stream else (STOP_CHECK_CHUNK if stops else max_new_tokens)
@@ -313,6 +355,8 @@ def generate(
             if row.final:
                 continue
             text = tokenizer.decode(_cut_at_eos(tokens[i], eos, keep_eos=False), skip_special_tokens=True)
+            if utf8 is not None:  # the bytes of a character still being written are not text yet
+                text = text.rstrip("\ufffd")
             cut = _first_stop(text, stops)
             if cut is not None:
                 text = text[:cut]

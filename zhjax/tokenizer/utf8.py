@@ -7,15 +7,11 @@ bytes that no later token can repair: the text shows U+FFFD. A model whose new r
 often. `Utf8Constraint` turns the rule into two small tables over the vocabulary, so a decoder masks such tokens
 at the cost of one gather per step:
 
-- the *state* of a sequence is the number of continuation bytes (0-3) the last character still needs;
-- `allowed[state, token]`: the token's bytes continue the text validly: with state `s > 0`, the token starts
-  with exactly `s` continuation bytes (or consists of fewer, all continuation bytes); with state 0, it starts
-  with none. Tokens with no bytes (special tokens: EOS, BOS, PAD) are allowed only at state 0, so a sequence
-  never ends inside a character;
-- `next_state[state, token]`: the state after it (the continuation bytes its own last character still needs).
-
-Only the shape of UTF-8 is checked (lead byte, number of continuation bytes), which is what U+FFFD in decoded
-output comes from; tokens whose bytes are malformed in themselves (a lone 0xFF byte) are never allowed.
+- the *state* of a sequence is where UTF-8's automaton stands after its bytes: between characters (0), or
+  waiting for 1-3 continuation bytes, the first of them possibly restricted (after E0, ED, F0, F4: RFC 3629);
+- `allowed[state, token]`: the token's bytes all pass the automaton from that state. Tokens with no bytes
+  (special tokens: EOS, BOS, PAD) are allowed only between characters, so a sequence never ends inside one;
+- `next_state[state, token]`: the state after it.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Utf8Constraint", "token_bytes"]
+__all__ = ["NUM_STATES", "Utf8Constraint", "token_bytes"]
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -61,37 +57,43 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     return out
 
 
-def _shape(data: bytes) -> tuple[int, bool, int] | None:
-    """(leading continuation bytes, whether a lead byte follows them, continuation bytes still needed at the end),
-    or None when the bytes cannot be part of valid UTF-8."""
-    i = 0
-    while i < len(data) and 0x80 <= data[i] <= 0xBF:
-        i += 1
-    lead_seen, need = i < len(data), 0
-    while i < len(data):
-        b = data[i]
-        if need:
-            if not 0x80 <= b <= 0xBF:
-                return None
-            need -= 1
-        elif b < 0x80:
-            pass
-        elif 0xC2 <= b <= 0xDF:
-            need = 1
-        elif 0xE0 <= b <= 0xEF:
-            need = 2
-        elif 0xF0 <= b <= 0xF4:
-            need = 3
-        else:
+# UTF-8 as a small automaton. A state is what the next byte must be: 0 = between characters; the others wait for
+# `need` continuation bytes, the first of them in [lo, hi] (RFC 3629: E0 and F0 exclude overlong forms, ED the
+# surrogates, F4 the code points past U+10FFFF).
+_STATES = [(0, 0, 0), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (3, 0x80, 0xBF),
+           (2, 0xA0, 0xBF), (2, 0x80, 0x9F), (3, 0x90, 0xBF), (3, 0x80, 0x8F)]
+_SPECIAL_LEADS = {0xE0: 4, 0xED: 5, 0xF0: 6, 0xF4: 7}
+NUM_STATES = len(_STATES)
+
+
+def _step(state: int, byte: int) -> int | None:
+    """The state after `byte`, or None when the byte cannot come next."""
+    need, lo, hi = _STATES[state]
+    if need:
+        return need - 1 if lo <= byte <= hi else None
+    if byte < 0x80:
+        return 0
+    if 0xC2 <= byte <= 0xDF:
+        return 1
+    if 0xE0 <= byte <= 0xEF:
+        return _SPECIAL_LEADS.get(byte, 2)
+    if 0xF0 <= byte <= 0xF4:
+        return _SPECIAL_LEADS.get(byte, 3)
+    return None
+
+
+def _run(state: int, data: bytes) -> int | None:
+    for byte in data:
+        state = _step(state, byte)
+        if state is None:
             return None
-        i += 1
-    leading = next((k for k, b in enumerate(data) if not 0x80 <= b <= 0xBF), len(data))
-    return leading, lead_seen, need
+    return state
 
 
 @dataclass(frozen=True)
 class Utf8Constraint:
-    """`allowed [4, vocab]` (bool) and `next_state [4, vocab]` (int8) tables; see the module docstring."""
+    """`allowed [NUM_STATES, vocab]` (bool) and `next_state [NUM_STATES, vocab]` (int8) tables; see the module
+    docstring."""
 
     allowed: np.ndarray
     next_state: np.ndarray
@@ -101,21 +103,16 @@ class Utf8Constraint:
         """Tables for `tokenizer`'s ids; a model with more rows than the tokenizer (padding) gets them disallowed."""
         pieces = token_bytes(tokenizer)
         vocab = max(vocab_size or 0, len(pieces))
-        allowed = np.zeros((4, vocab), bool)
-        next_state = np.zeros((4, vocab), np.int8)
+        allowed = np.zeros((NUM_STATES, vocab), bool)
+        next_state = np.zeros((NUM_STATES, vocab), np.int8)
         for t, data in enumerate(pieces):
-            if data is None or not data:  # special or empty: only between characters, state unchanged
+            if not data:  # special or empty: only between characters, state unchanged
                 allowed[0, t] = True
                 continue
-            shape = _shape(data)
-            if shape is None:
-                continue
-            leading, lead_seen, need = shape
-            for s in range(4):
-                if lead_seen and leading == s:
-                    allowed[s, t], next_state[s, t] = True, need
-                elif not lead_seen and 0 < leading <= s:
-                    allowed[s, t], next_state[s, t] = True, s - leading
+            for s in range(NUM_STATES):
+                end = _run(s, data)
+                if end is not None:
+                    allowed[s, t], next_state[s, t] = True, end
         return cls(allowed, next_state)
 
     def state_after(self, ids, state: int = 0) -> int:
