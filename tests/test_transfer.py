@@ -9,6 +9,7 @@ test alone.
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer

@@ -38,8 +38,8 @@ from flax import nnx
 
 from zhjax.config import ModelConfig
 from zhjax.infer.sampling import Knobs, Sampler, choose_tokens, make_knobs
-from zhjax.tokenizer.utf8 import NUM_STATES, Utf8Constraint
 from zhjax.model.decode import DecodeLayer, KVCache, decode, decode_logits, decode_weights, init_kv_cache
+from zhjax.tokenizer.utf8 import NUM_STATES, Utf8Constraint
 
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 128
