@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -19,6 +17,7 @@ from etils import epath
 from flax import nnx
 
 from zhjax.config import ModelConfig, RopeScaling
+from zhjax.ownership import staged_dir
 
 LAYOUT_VERSION = 1
 
@@ -37,13 +36,15 @@ def config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def save_base_checkpoint(model: nnx.Module, out_dir: str | Path, *, source: str | None = None) -> Path:
-    """Save the model's base parameters (LoRA adapters excluded) as an orbax checkpoint with layout metadata."""
+def save_base_checkpoint(model: nnx.Module, out_dir: str | Path, *, source: str | None = None,
+                         overwrite: bool = False) -> Path:
+    """Save the model's base parameters (LoRA adapters excluded) as an orbax checkpoint with layout metadata.
+
+    An existing `out_dir` that zhjax did not write, or the `source` directory itself, is refused (`zhjax.ownership`).
+    """
     out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     _, _, base = nnx.split(model, nnx.LoRAParam, ...)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, inputs=[source], overwrite=overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", nnx.to_pure_dict(base))
         meta = {
@@ -56,12 +57,6 @@ def save_base_checkpoint(model: nnx.Module, out_dir: str | Path, *, source: str 
             "config": config_to_dict(model.config),
         }
         (tmp / "zhjax.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -290,8 +289,8 @@ def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: Out
             from zhjax.convert.peft import save_peft_adapter
 
             base = cfg.init_from or str(out.location("base"))
-            save_peft_adapter(model, out.local / "adapter", base_model_name_or_path=base)
-            _save_tokenizer(cfg, out.local / "adapter")
+            save_peft_adapter(model, out.local / "adapter", base_model_name_or_path=base,
+                              tokenizer_dir=cfg.tokenizer or cfg.init_from)
     if is_main:
         out.sync()
 
@@ -316,17 +315,6 @@ def _fully_replicated(tree):
     mesh = next(x.sharding.mesh for x in jax.tree.leaves(state) if isinstance(x.sharding, jax.sharding.NamedSharding))
     state = jax.jit(lambda s: s, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(state)
     return state if graphdef is None else nnx.merge(graphdef, state)
-
-
-def _save_tokenizer(cfg: JobConfig, dest: Path) -> None:
-    src = cfg.tokenizer or cfg.init_from
-    if not src:
-        return
-    from zhjax.convert.hf import TOKENIZER_FILES
-
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).exists():
-            shutil.copy2(Path(src) / name, dest / name)
 
 
 def _jsonable(cfg) -> dict:
