@@ -42,9 +42,14 @@ def _train(kind: str, argv: list[str]) -> int:
         print(f"zhjax {kind}: {e}", file=sys.stderr)
         return 2
 
+    from zhjax.train.checkpoint import CheckpointError
     from zhjax.train.trainer import train
 
-    summary = train(cfg, kind)
+    try:
+        summary = train(cfg, kind)
+    except CheckpointError as e:
+        print(f"zhjax {kind}: {e}", file=sys.stderr)
+        return 2
     print(f"done: {summary['step']} steps, output in {summary['output_dir']}")
     return 0
 

@@ -173,10 +173,10 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     schedule = learning_rate_schedule(cfg.optim, total_steps)
 
     ckpt = RunCheckpointer(out.location("checkpoints"), max_to_keep=cfg.save_total_limit, async_save=cfg.async_checkpointing)
-    start_step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        trainable, opt_state, meta = ckpt.restore(latest, trainable, opt_state)
+    start_step, latest = 0, None
+    restored = ckpt.restore_latest_good(trainable, opt_state, report=print if is_main else lambda _: None)
+    if restored is not None:  # the newest checkpoint that restores and matches its checksums
+        latest, trainable, opt_state, meta = restored
         data.load_state_dict(meta["data"])
         start_step = meta["step"]
         if is_main:
