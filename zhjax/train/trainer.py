@@ -19,7 +19,6 @@ locally and uploaded at each save (`zhjax.train.storage`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from zhjax.train.optim import build_optimizer, learning_rate_schedule
 from zhjax.train.plan import opt_state_shardings
 from zhjax.train.step import make_eval_step, make_train_step
 from zhjax.train.storage import OutputDir
+from zhjax.train.validate import check_job, clear_run_outputs, write_run_record
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,10 +133,13 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
 
     out = OutputDir(cfg.output_dir)  # a URL whose filesystem package is missing fails here, before any work
     is_main = jax.process_index() == 0
+    check_job(cfg, kind, len(jax.devices()))  # every problem at once, before anything is written or built
     if cfg.overwrite_output_dir and is_main and out.exists():
-        out.remove()
+        clear_run_outputs(out)  # only what a run writes, and only now that every check has passed
     _sync("zhjax-output-dir-cleared")
     out.prepare(is_main)
+    if is_main:
+        write_run_record(out.local, cfg, kind, len(jax.devices()))
     export_random_base = cfg.init_from is None and not out.exists("base/config.json")
     _sync("zhjax-output-dir-checked")  # every process decided before process 0 writes base/
 
@@ -204,7 +207,6 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
         f"{dict(mesh.shape)}, trainable {n_train:,} / frozen {n_frozen:,} params, attention {cfg.attention}, remat {cfg.remat}"
     )
     if is_main:
-        (out.local / "job_config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
         out.sync()  # a remote run shows its config (and random base) before the first save
 
     rng = jax.random.key(cfg.seed)
