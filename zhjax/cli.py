@@ -42,13 +42,14 @@ def _train(kind: str, argv: list[str]) -> int:
         print(f"zhjax {kind}: {e}", file=sys.stderr)
         return 2
 
+    from zhjax.data.files import DataError
     from zhjax.train.checkpoint import CheckpointError
     from zhjax.train.trainer import train
     from zhjax.train.validate import JobConfigError
 
     try:
         summary = train(cfg, kind)
-    except (JobConfigError, CheckpointError) as e:
+    except (JobConfigError, CheckpointError, DataError) as e:  # one line naming the file/field; no traceback
         print(f"zhjax {kind}: {e}", file=sys.stderr)
         return 2
     print(f"done: {summary['step']} steps, output in {summary['output_dir']}")

@@ -39,7 +39,7 @@ from zhjax.train.optim import build_optimizer, learning_rate_schedule
 from zhjax.train.plan import opt_state_shardings
 from zhjax.train.step import make_eval_step, make_train_step
 from zhjax.train.storage import OutputDir
-from zhjax.train.validate import check_job, clear_run_outputs, write_run_record
+from zhjax.train.validate import check_job, clear_run_outputs, rewind_metrics, write_run_record
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,6 +201,8 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     embed_trainable = any(str(p[0]) == "embed_tokens" for p, _ in nnx.to_flat_state(trainable))
     fpt = flops_per_token(model_cfg, n_train, n_frozen, seq_len, embed_trainable=embed_trainable)
     peak = (cfg.peak_tflops_per_device * 1e12) if cfg.peak_tflops_per_device else peak_flops(jax.devices()[0])
+    if is_main:
+        rewind_metrics(out.local, start_step)  # records past the restored step are logged again below
     logger = MetricsLogger(out.local, enabled=is_main)
     logger.text(
         f"{kind}: {total_steps} steps, global batch {global_batch} x {accum} accum x {seq_len} tokens, mesh "

@@ -80,6 +80,12 @@ def _check_data(cfg, kind: str) -> list[str]:
                 out.append(f"data.{field}: {f} does not exist")
     if not 0 <= d.validation_split_percentage < 1:
         out.append(f"data.validation_split_percentage={d.validation_split_percentage}: expected a fraction in [0, 1)")
+    from zhjax.data.files import check_encoding
+
+    try:
+        check_encoding(d.encoding, d.encoding_errors)
+    except ValueError as e:
+        out.append(str(e))
     if not _int_at_least(d.preprocessing_num_workers, 1):
         out.append(f"data.preprocessing_num_workers={d.preprocessing_num_workers!r}: expected a positive integer")
     if kind == "pretrain" and not _int_at_least(d.block_size, 2):
@@ -211,6 +217,33 @@ def write_run_record(out: Path, cfg, kind: str, num_devices: int) -> None:
     (out / RUN_RECORD).write_text(json.dumps({"kind": kind, "global_batch": global_batch,
                                               "num_devices": num_devices}, indent=2))
     (out / "job_config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+
+
+def rewind_metrics(run_dir: Path, step: int) -> int:
+    """Move `metrics.jsonl` records past `step` (logged after the checkpoint a resume starts from) aside.
+
+    They go to `metrics.rewound.jsonl` (kept, not deleted), so `metrics.jsonl` holds each step once. Returns how
+    many records were moved.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    keep, past = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            later = json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError, TypeError):
+            later = False  # a torn last line of a killed run is kept where it is
+            if not line.endswith("\n"):
+                later, line = True, line + "\n"
+        (past if later else keep).append(line)
+    if past:
+        with open(path.with_name("metrics.rewound.jsonl"), "a", encoding="utf-8") as f:
+            f.writelines(past)
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        tmp.replace(path)
+    return len(past)
 
 
 def clear_run_outputs(output_dir) -> list[str]:
