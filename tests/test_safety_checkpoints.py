@@ -97,3 +97,25 @@ def test_no_good_checkpoint_stops_with_one_clear_line_and_deletes_nothing(straig
     assert last.startswith("zhjax pretrain: no usable checkpoint in") and "overwrite_output_dir" in last
     assert "Traceback" not in proc.stderr
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_checksums_see_one_flipped_bit_in_any_dtype_and_not_the_layout():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from zhjax.train.checkpoint import tree_checksums
+
+    rng = np.random.default_rng(0)
+    tree = {"w": jnp.asarray(rng.normal(size=(7, 5)), jnp.float32), "b": jnp.asarray(rng.normal(size=9), jnp.bfloat16),
+            "count": jnp.asarray(3, jnp.int32), "mask": jnp.asarray([True, False])}
+    base = tree_checksums(tree)
+    assert tree_checksums(jax.tree.map(lambda x: x + 0, tree)) == base  # same values, fresh buffers
+    for name, bit in (("w", 0), ("w", 31), ("b", 15), ("count", 30)):
+        x = np.asarray(tree[name])
+        bits = x.view({4: np.uint32, 2: np.uint16}[x.dtype.itemsize]).copy()
+        bits.reshape(-1)[bits.size // 2] ^= np.array(1 << bit, bits.dtype)
+        flipped = {**tree, name: jnp.asarray(bits.view(x.dtype))}
+        assert tree_checksums(flipped)[f"['{name}']"] != base[f"['{name}']"], (name, bit)
+    swapped = {**tree, "w": tree["w"][::-1]}  # the same values in other places
+    assert tree_checksums(swapped)["['w']"] != base["['w']"]

@@ -136,9 +136,10 @@ _checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
 
 def tree_checksums(tree) -> dict[str, list[int]]:
     """`{path: [sum1, sum2]}` of every array in `tree` (module docstring); collective in a multi-process run."""
-    sums = jax.device_get(_checksums(tree))
-    flat, _ = jax.tree_util.tree_flatten_with_path(sums)
-    return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in flat}
+    flat, _ = jax.tree_util.tree_flatten_with_path(_checksums(tree))
+    # a replicated result is read from this process's own copy (a multi-process array is not fully addressable)
+    host = lambda x: x.addressable_data(0) if x.is_fully_replicated else jax.device_get(x)
+    return {jax.tree_util.keystr(path): [int(v) for v in host(value)] for path, value in flat}
 
 
 class RunCheckpointer:

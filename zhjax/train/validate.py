@@ -104,7 +104,10 @@ def _check_sources(cfg, kind: str) -> list[str]:
     out = []
     for name in ("init_from", "tokenizer", "adapters_from"):
         value = getattr(cfg, name)
-        if value and "://" not in str(value) and not Path(value).exists():
+        if not value or "://" in str(value) or Path(value).exists():
+            continue
+        # a tokenizer may be a Hub id ("org/name"), which transformers resolves itself
+        if name != "tokenizer" or str(value).startswith(("/", ".", "~")) or str(value).count("/") != 1:
             out.append(f"{name}: {value} does not exist")
     if out:
         return out
