@@ -118,13 +118,15 @@ def resize_hf_checkpoint(
     *,
     base_tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
 ) -> ResizeResult:
     """Write `out_dir`: the HF model of `base_dir` grown to the tokenizer of `new_tokenizer_dir`.
 
     `init` is "normal", "mean" or "subword" (see `zhjax.tokenizer.resize`); `seed` makes the first two
     reproducible. The base tokenizer (for the extension check and the subword pieces) is read from
     `base_tokenizer_dir`, by default `base_dir`. Tensors stream from the base's safetensors (or `.bin`) files
-    into sharded safetensors; `out_dir` appears only when complete.
+    into sharded safetensors; `out_dir` appears only when complete. An existing `out_dir` that zhjax did not
+    write is refused unless `overwrite` (`zhjax.ownership`).
 
     Raises:
         ValueError: unknown init, `out_dir` equal to `base_dir`, or a new tokenizer that does not extend the
@@ -173,6 +175,8 @@ def resize_hf_checkpoint(
         generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
         tokenizer_dir=new_tokenizer_dir,
         max_shard_bytes=max_shard_bytes,
+        inputs=[base_dir, base_tokenizer_dir],
+        overwrite=overwrite,
     )
     return ResizeResult(written, old_vocab, new_vocab, init, config.tie_word_embeddings, tuple(to_resize))
 
