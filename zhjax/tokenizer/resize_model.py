@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from zhjax.convert.hf import CheckpointReader, hf_tensor_names, read_config, write_hf_dir
+from zhjax.ownership import check_output_dir
 from zhjax.tokenizer.guards import load_tokenizer, tokenizer_vocab_size
 from zhjax.tokenizer.resize import INITS, resize_embedding, subword_source_ids
 
@@ -138,6 +139,7 @@ def resize_hf_checkpoint(
     base_dir = Path(base_dir)
     if Path(out_dir).resolve() == base_dir.resolve():
         raise ValueError(f"out_dir {out_dir} is the base dir: the base is read while the output is written")
+    check_output_dir(out_dir, inputs=[base_dir, base_tokenizer_dir], overwrite=overwrite)  # before any read
     config, raw = read_config(base_dir)
     old_vocab = config.vocab_size
     base_tok = load_tokenizer(base_tokenizer_dir or base_dir)
