@@ -7,8 +7,8 @@ Reads top to bottom:
 2. `split_model` separates trainable (float32) from frozen state with the filter the config asks for.
 3. The optimizer is built and initialised on the trainable state only; the step is jitted once with explicit
    in/out shardings and donated state.
-4. If `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the latest is restored, data position
-   and all, so the run continues at the next sample.
+4. If `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the newest one that restores and matches
+   its checksums is restored, data position and all, so the run continues at the next sample.
 5. Loop: step, check the loss is finite, log every `logging_steps`, evaluate every `eval_steps`, save every
    `save_steps` (orbax, async) together with a PEFT adapter export.
 
@@ -157,7 +157,7 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
 
         host_model = _fully_replicated(model)  # every process takes part; process 0 writes
         if is_main:
-            save_hf(host_model, out.local / "base", tokenizer_dir=cfg.tokenizer)
+            save_hf(host_model, out.local / "base", tokenizer_dir=cfg.tokenizer, overwrite=True)  # checked by check_job
         del host_model
     data = build_data(cfg, kind, model.config, mesh, global_batch * accum)
     model_cfg = model.config
@@ -293,8 +293,9 @@ def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: Out
             from zhjax.convert.peft import save_peft_adapter
 
             base = cfg.init_from or str(out.location("base"))
+            # the run's own adapter/ (checked for strangers' files by `check_job` before the run started)
             save_peft_adapter(model, out.local / "adapter", base_model_name_or_path=base,
-                              tokenizer_dir=cfg.tokenizer or cfg.init_from)
+                              tokenizer_dir=cfg.tokenizer or cfg.init_from, overwrite=True)
     if is_main:
         out.sync()
 
