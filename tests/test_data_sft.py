@@ -145,7 +145,7 @@ def test_files_errors_name_file_line_record_and_field(tmp_path, tok):
         build_sft_dataset(tmp_path / "b.jsonl", tok)
     good = {"instruction": "a", "output": "b"}
     write_json(tmp_path / "c.json", [good, good, good, {"instruction": "a", "output": None}])
-    with pytest.raises(DataError, match=r"c\.json: record 3: field 'output' must be a string"):
+    with pytest.raises(DataError, match=r"c\.json:1: field 'output' must be a string"):
         build_sft_dataset(tmp_path / "c.json", tok)
     write_json(tmp_path / "d.json", [{"instruction": "a", "output": ""}] * 3)
     with pytest.raises(DataError, match=r"d\.json: none of its records gave a usable example"):

@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import zhjax
 from zhjax.convert.hf import save_hf
+from zhjax.ownership import OutputRefused, check_output_dir
 from zhjax.train.checkpoint import load_base_checkpoint, save_base_checkpoint
 
 
@@ -19,19 +21,24 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="HF dir -> zhjax base checkpoint")
     imp.add_argument("--hf", required=True)
-    imp.add_argument("--out", required=True)
+    imp.add_argument("--out", required=True, help="new or empty directory, or an earlier zhjax output")
     imp.add_argument("--dtype", default="bfloat16", help="storage dtype of the base weights")
     exp = sub.add_parser("export", help="zhjax base checkpoint -> HF dir")
     exp.add_argument("--ckpt", required=True)
-    exp.add_argument("--out", required=True)
+    exp.add_argument("--out", required=True, help="new or empty directory, or an earlier zhjax output")
     exp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
     exp.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied")
     rt = sub.add_parser("roundtrip", help="HF dir -> zhjax -> HF dir")
     rt.add_argument("--hf", required=True)
-    rt.add_argument("--out", required=True)
+    rt.add_argument("--out", required=True, help="new or empty directory, or an earlier zhjax output")
     rt.add_argument("--dtype", default="float32")
     args = parser.parse_args()
 
+    src = args.ckpt if args.cmd == "export" else args.hf
+    try:  # before any weight is read: the output may not be an input nor a directory zhjax did not write
+        check_output_dir(args.out, inputs=[src, getattr(args, "tokenizer", None)])
+    except OutputRefused as e:
+        sys.exit(f"convert_hf: {e}")
     if args.cmd == "import":
         model = zhjax.load_pretrained(args.hf, dtype=args.dtype)
         print(save_base_checkpoint(model, args.out, source=args.hf))

@@ -25,7 +25,7 @@ def _report_sp(args: argparse.Namespace, lines: list[str]) -> None:
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from zhjax.tokenizer.merge import tokenization_report
+    from zhjax.tokenizer.merge import known_differences, load_sp_proto, tokenization_report
 
     base = spm.SentencePieceProcessor(model_file=args.base)
     merged = spm.SentencePieceProcessor(model_file=f"{args.out}/tokenizer.model")
@@ -38,6 +38,8 @@ def _report_sp(args: argparse.Namespace, lines: list[str]) -> None:
         lambda s: hf.encode(s, add_special_tokens=False), lines, reference=merged.encode
     )
     print(report.describe(f"merged, {args.score_mode} mode (HF)"))
+    for line in known_differences(load_sp_proto(f"{args.out}/tokenizer.model")):
+        print(f"HF vs SentencePiece: {line}")
 
 
 def _report_bpe(args: argparse.Namespace, lines: list[str]) -> None:

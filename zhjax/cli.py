@@ -21,7 +21,7 @@ def _train(kind: str, argv: list[str]) -> int:
     from zhjax.parallel.mesh import add_distributed_args, explain_peer_failures, initialize_from_args
 
     add_distributed_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
     try:
         initialize_from_args(args)  # before anything touches a device; a no-op for one process
     except ValueError as e:
@@ -42,10 +42,17 @@ def _train(kind: str, argv: list[str]) -> int:
         print(f"zhjax {kind}: {e}", file=sys.stderr)
         return 2
 
+    from zhjax.data.files import DataError
+    from zhjax.train.checkpoint import CheckpointError
     from zhjax.train.trainer import train
+    from zhjax.train.validate import JobConfigError
 
-    with explain_peer_failures():
-        summary = train(cfg, kind)
+    try:
+        with explain_peer_failures():
+            summary = train(cfg, kind)
+    except (JobConfigError, CheckpointError, DataError) as e:  # one line naming the file/field; no traceback
+        print(f"zhjax {kind}: {e}", file=sys.stderr)
+        return 2
     print(f"done: {summary['step']} steps, output in {summary['output_dir']}")
     return 0
 

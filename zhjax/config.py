@@ -131,6 +131,10 @@ class DataConfig:
     validation_split_percentage: float = 0.05  # a fraction, as in the seed (0.05 = 5%)
     data_cache_dir: str | None = None
     preprocessing_num_workers: int = 1
+    # how the files' bytes become text: any ASCII-compatible codec (gbk, gb18030, ...); a UTF-8 BOM is dropped.
+    # encoding_errors "replace" substitutes U+FFFD for undecodable bytes instead of stopping at the first one
+    encoding: str = "utf-8"
+    encoding_errors: str = "strict"
     # pre-training
     block_size: int = 512
     add_eos: bool = True

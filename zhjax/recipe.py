@@ -161,7 +161,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
 
         result = resize_hf_checkpoint(cfg.base_model, tok, base_zh, init=cfg.resize_init, seed=cfg.seed,
                                       sample_files=[data / "text" / "train.txt"],
-                                      transfer=dataclasses.replace(cfg.transfer, seed=cfg.seed))
+                                      transfer=dataclasses.replace(cfg.transfer, seed=cfg.seed), overwrite=True)
         print(_describe_resize(result))
 
     transfer_key = _jsonable(cfg.transfer) if cfg.resize_init == "distill" else None
@@ -191,8 +191,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     def export():
         from zhjax.convert.merge import merge_adapters
 
-        merge_adapters(base_zh, [pt_out / "adapter"], pt_merged, dtype="float32")
-        merge_adapters(base_zh, [pt_out / "adapter", sft_out / "adapter"], final, dtype="float32")
+        merge_adapters(base_zh, [pt_out / "adapter"], pt_merged, dtype="float32", overwrite=True)
+        merge_adapters(base_zh, [pt_out / "adapter", sft_out / "adapter"], final, dtype="float32", overwrite=True)
 
     stages.run("export", {"pt": stages.done.get("pretrain"), "sft": stages.done.get("sft")}, export)
 
@@ -253,7 +253,7 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
         def resize():
             from zhjax.tokenizer.resize_model import resize_hf_checkpoint
 
-            print(resize_hf_checkpoint(cfg.base_model, tokenizer, base, init="normal", seed=cfg.seed))
+            print(resize_hf_checkpoint(cfg.base_model, tokenizer, base, init="normal", seed=cfg.seed, overwrite=True))
 
         stages.run("resize-normal", {"tok": stages.done.get("tokenizer"), "seed": cfg.seed}, resize)
         job = dataclasses.replace(pt, init_from=str(base), output_dir=str(out))
@@ -270,7 +270,7 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
     stages.run(f"pretrain-{variant}", {"job": _jsonable(job), "upstream": upstream},
                lambda: train(job, "pretrain"))
     stages.run(f"export-{variant}", {"pt": stages.done.get(f"pretrain-{variant}")},
-               lambda: merge_adapters(base, [out / "adapter"], merged, dtype="float32"))
+               lambda: merge_adapters(base, [out / "adapter"], merged, dtype="float32", overwrite=True))
     return out, merged, tokenizer
 
 
@@ -287,7 +287,7 @@ def _compare_sft(cfg: RecipeConfig, sft, stages: Stages, work: Path) -> Path:
     stages.run("sft-no_extension", {"job": _jsonable(job), "pt": stages.done.get("pretrain-no_extension")},
                lambda: train(job, "sft"))
     stages.run("export-sft-no_extension", {"sft": stages.done.get("sft-no_extension")},
-               lambda: merge_adapters(base, [pt_out / "adapter", out / "adapter"], merged, dtype="float32"))
+               lambda: merge_adapters(base, [pt_out / "adapter", out / "adapter"], merged, dtype="float32", overwrite=True))
     return merged
 
 

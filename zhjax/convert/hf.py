@@ -18,11 +18,9 @@ directory that replaces the destination only when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -32,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from zhjax.config import LoraConfig, ModelConfig, RopeScaling
+from zhjax.ownership import staged_dir
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 TOKENIZER_FILES = (
@@ -423,17 +422,18 @@ def write_hf_dir(
     generation_config: dict | None = None,
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    inputs: Sequence[str | Path | None] = (),
+    overwrite: bool = False,
 ) -> Path:
     """Write an HF model directory: sharded safetensors (+ index), config.json, generation_config.json, tokenizer.
 
     Tensors are streamed: at most one shard is in memory. Everything is written to a temporary sibling folder
-    that replaces `out_dir` only when complete, so a crash never leaves a half-written model behind.
+    that replaces `out_dir` only when complete, so a crash never leaves a half-written model behind. `out_dir` may
+    not be one of `inputs` (nor inside or around one), and an existing `out_dir` that zhjax did not write is
+    refused unless `overwrite` (`zhjax.ownership`).
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
-    try:
+    with staged_dir(out_dir, inputs=[*inputs, tokenizer_dir], overwrite=overwrite) as tmp:
         shards: list[list[str]] = []
         buffer: dict[str, np.ndarray] = {}
         size, total = 0, 0
@@ -476,16 +476,6 @@ def write_hf_dir(
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).exists():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -497,8 +487,12 @@ def save_hf(
     tokenizer_dir: str | Path | None = None,
     legacy_rope: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
 ) -> Path:
-    """Export a zhjax model (LoRA merged on the fly) as an HF `LlamaForCausalLM` dir; `dtype` defaults to the params'."""
+    """Export a zhjax model (LoRA merged on the fly) as an HF `LlamaForCausalLM` dir; `dtype` defaults to the params'.
+
+    An existing `out_dir` that zhjax did not write is refused unless `overwrite` (`zhjax.ownership`).
+    """
     out_dtype = np.dtype(jnp.dtype(dtype or model.config.param_dtype))
     config_json = config_to_hf(model.config, dtype=str(jnp.dtype(out_dtype)), legacy_rope=legacy_rope)
     return write_hf_dir(
@@ -507,4 +501,5 @@ def save_hf(
         config_json,
         tokenizer_dir=tokenizer_dir,
         max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
     )

@@ -35,6 +35,7 @@ from flax import nnx
 from zhjax.config import LoraConfig, ModelConfig
 from zhjax.convert.hf import CheckpointReader, ConversionError, read_config, write_hf_dir
 from zhjax.convert.peft import PeftAdapter, check_adapter_against_base, read_peft_adapter
+from zhjax.ownership import check_output_dir
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
@@ -242,14 +243,18 @@ def merge_adapters(
     dtype: str | None = None,
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
 ) -> Path:
     """Merge `adapters` (in order) into the HF model at `base`, writing a plain HF `LlamaForCausalLM` to `out_dir`.
 
     `dtype` is float32, float16 or bfloat16 (default: the base's). All checks run first (`plan_merge`); the
-    output appears only when complete. Returns `out_dir`.
+    output appears only when complete. `out_dir` may not be, contain or lie inside an input, and an existing one
+    that zhjax did not write is refused unless `overwrite` (`zhjax.ownership.OutputRefused`). Returns `out_dir`.
     """
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    inputs = [base, *adapters, tokenizer_dir]
+    check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)
     plan = plan_merge(base, adapters, tokenizer_dir=tokenizer_dir)
     out_dtype = np.dtype(_DTYPES[dtype]) if dtype else plan.base_dtype
     config_json = dict(plan.raw_config)
@@ -265,6 +270,8 @@ def merge_adapters(
         generation_config=generation_config,
         tokenizer_dir=plan.tokenizer_dir,
         max_shard_bytes=max_shard_bytes,
+        inputs=inputs,
+        overwrite=overwrite,
     )
 
 

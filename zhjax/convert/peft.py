@@ -25,7 +25,6 @@ import json
 import math
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,8 @@ from flax import nnx
 
 from zhjax._extras import require
 from zhjax.config import LORA_TARGETS, ModelConfig
-from zhjax.convert.hf import ConversionError, _SafetensorsFile
+from zhjax.convert.hf import TOKENIZER_FILES, ConversionError, _SafetensorsFile
+from zhjax.ownership import staged_dir
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -111,12 +111,15 @@ def modules_to_save_state_dict(model: nnx.Module, modules: tuple[str, ...]) -> d
     return out
 
 
-def save_peft_adapter(model: nnx.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> None:
+def save_peft_adapter(model: nnx.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
+                      tokenizer_dir: str | Path | None = None, overwrite: bool = False) -> None:
     """Write `adapter_config.json` + `adapter_model.safetensors` (LoRA and `modules_to_save`) that peft loads.
 
     Written to a temporary folder first and renamed into place, so an interrupted save never leaves an empty
     or partial adapter (the seed's 443-byte adapter files). On a tied model the config asks PEFT for
     `ensure_weight_tying`, so that PEFT (>= 0.18) wraps one shared matrix instead of two copies that drift apart.
+    `tokenizer_dir`'s tokenizer files are written beside the weights. The folder gets the umask's modes (as the HF
+    export), and an existing `out_dir` zhjax did not write is refused unless `overwrite` (`zhjax.ownership`).
     """
     from safetensors.numpy import save_file
 
@@ -124,7 +127,6 @@ def save_peft_adapter(model: nnx.Module, out_dir: str | Path, *, base_model_name
     if lora is None:
         raise ValueError("the model has no LoRA adapters to save")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {**lora_state_dict(model), **modules_to_save_state_dict(model, lora.modules_to_save)}
     config = {
         "peft_type": "LORA",
@@ -142,16 +144,13 @@ def save_peft_adapter(model: nnx.Module, out_dir: str | Path, *, base_model_name
     }
     if model.config.tie_word_embeddings and {"embed_tokens", "lm_head"} <= set(lora.modules_to_save):
         config["ensure_weight_tying"] = True
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, inputs=[tokenizer_dir], overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).exists():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
 
 
 def load_peft_adapter(model: nnx.Module, adapter_dir: str | Path, *, source: str | None = None) -> None:

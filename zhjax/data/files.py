@@ -6,6 +6,7 @@ keys caches, and batch encoding through the fast tokenizer.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,12 +81,67 @@ def open_binary(path: str, compression: str | None):
     return fs.open(p, "rb", compression=compression or None)
 
 
+# what a damaged compressed stream raises while it is read (gzip.BadGzipFile is an OSError; a cut file EOFError)
+_DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error)
+
+
+@contextlib.contextmanager
+def naming_decompress_errors(path: str, compression: str | None):
+    """Turn a damaged compressed stream's error, raised inside the block, into a `DataError` naming ``path``."""
+    try:
+        yield
+    except _DECOMPRESS_ERRORS as e:
+        if not compression:
+            raise
+        raise DataError(f"{path}: cannot decompress ({compression}): {e or type(e).__name__}") from None
+
+
+def read_all(f: DataFile) -> bytes:
+    """The whole (decompressed) content of ``f``; a damaged compressed file is named in the error."""
+    with naming_decompress_errors(f.path, f.compression), open_binary(f.path, f.compression) as fh:
+        return fh.read()
+
+
+def check_encoding(encoding: str, errors: str) -> None:
+    """Raise ValueError unless ``encoding`` is a known codec that keeps ``\\n`` as one byte, and ``errors`` is valid."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"data.encoding={encoding!r}: not a known text encoding (e.g. utf-8, gbk, gb18030)") from None
+    if "\n".encode(encoding) != b"\n":
+        raise ValueError(f"data.encoding={encoding!r}: files are read line by line; expected an ASCII-compatible "
+                         "encoding (utf-8, gbk, gb18030, big5, ...)")
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"data.encoding_errors={errors!r}: expected 'strict' or 'replace'")
+
+
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
+
+
+def decode(raw: bytes, path: str, encoding: str, errors: str, *, at_start: bool, line_of) -> str:
+    """``raw`` decoded; a UTF-8 BOM at the start of a file is dropped; a bad byte is named by line (``line_of``)."""
+    if at_start and _is_utf8(encoding) and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+        line_shift = len(codecs.BOM_UTF8)
+    else:
+        line_shift = 0
+    try:
+        return raw.decode(encoding, errors=errors)
+    except UnicodeDecodeError as e:
+        bad = e.start + line_shift
+        raise DataError(
+            f"{path}:{line_of(bad)}: byte {raw[e.start]:#04x} is not valid {encoding}; set data.encoding "
+            "to the file's encoding (e.g. gbk), or data.encoding_errors=replace to substitute U+FFFD") from None
+
+
 def iter_lines(path: str, compression: str | None, start: int = 0, end: int = -1) -> Iterator[tuple[int, bytes]]:
     """Yield ``(byte offset, raw line)`` for the lines that start in ``[start, end)`` (end -1: to the end).
 
     Ranges that tile a file yield every line exactly once: a range that starts inside a line skips to the next.
+    A damaged compressed file raises a `DataError` naming it.
     """
-    with open_binary(path, compression) as f:
+    with naming_decompress_errors(path, compression), open_binary(path, compression) as f:
         offset = 0
         if start > 0:
             f.seek(start - 1)

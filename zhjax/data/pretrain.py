@@ -47,7 +47,9 @@ from zhjax.data.files import (  # noqa: F401 (re-exported: the file helpers were
     DataError,
     DataFile,
     assign_to_hosts,
+    check_encoding,
     content_hashes,
+    decode,
     discover_files,
     encode_texts,
     forking_workers,
@@ -100,26 +102,22 @@ class PretrainSummary:
 # ----------------------------------------------------------------------------------------------- keys
 
 
-def _file_key(content_hash: str, tok_fp: str, add_bos: bool, add_eos: bool, errors: str, text_field: str) -> str:
-    parts = [_FORMAT_VERSION, content_hash, tok_fp, add_bos, add_eos, errors, text_field]
+def _file_key(content_hash: str, compression: str | None, tok_fp: str, add_bos: bool, add_eos: bool, errors: str,
+              text_field: str, encoding: str) -> str:
+    # the bytes as stored *and* how they are read: the same bytes named .gz must not hit a plain file's entry
+    parts = [_FORMAT_VERSION, content_hash, compression, tok_fp, add_bos, add_eos, errors, text_field, encoding]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
 # ------------------------------------------------------------------------------------------ tokenize
 
 
-def _documents(unit: dict, errors: str, text_field: str):
-    """Yield ``(text or None)`` per line of a work unit; None marks a blank line. Errors name file and offset."""
+def _documents(unit: dict, errors: str, text_field: str, encoding: str = "utf-8"):
+    """Yield ``(text or None)`` per line of a work unit; None marks a blank line. Errors name file and line."""
     path, compression, fmt = unit["path"], unit["compression"], unit["fmt"]
     for offset, raw in iter_lines(path, compression, unit["start"], unit["end"]):
-        try:
-            line = raw.decode("utf-8", errors=errors)
-        except UnicodeDecodeError as e:
-            bad = offset + e.start
-            where = "of the decompressed stream " if compression else ""
-            raise DataError(
-                f"{path}: invalid UTF-8 at byte offset {bad} {where}(line {line_number_at(path, compression, bad)}); "
-                "pass errors='replace' to substitute U+FFFD") from None
+        line = decode(raw, path, encoding, errors, at_start=offset == 0,
+                      line_of=lambda at, offset=offset: line_number_at(path, compression, offset + at))
         if fmt == ".jsonl":
             if not line.strip():
                 yield None
@@ -139,7 +137,8 @@ def _documents(unit: dict, errors: str, text_field: str):
         yield line if line.strip() else None
 
 
-def _tokenize_unit(unit: dict, tokenizer, add_bos: bool, add_eos: bool, errors: str, text_field: str) -> dict:
+def _tokenize_unit(unit: dict, tokenizer, add_bos: bool, add_eos: bool, errors: str, text_field: str,
+                   encoding: str = "utf-8") -> dict:
     """Tokenize one work unit into ``unit["out"]`` (an Arrow file of documents); return its counts."""
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
@@ -154,7 +153,7 @@ def _tokenize_unit(unit: dict, tokenizer, add_bos: bool, add_eos: bool, errors: 
         writer.write_table(pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32()))}))
 
     texts: list[str] = []
-    for text in _documents(unit, errors, text_field):
+    for text in _documents(unit, errors, text_field, encoding):
         if text is None:
             counts["empty_lines"] += 1
             continue
@@ -192,12 +191,13 @@ def _work_units(files: list[DataFile], num_proc: int, staging: Path) -> list[dic
 
 
 def _tokenize_files(files: list[DataFile], keys: list[str], tokenizer, cache: Cache, *, add_bos: bool,
-                    add_eos: bool, errors: str, text_field: str, num_proc: int) -> None:
+                    add_eos: bool, errors: str, text_field: str, encoding: str, num_proc: int) -> None:
     """Tokenize ``files`` with ``datasets.map(num_proc)`` and publish each file's Arrow documents under its key."""
     with cache.staging() as staging:
         units = _work_units(files, num_proc, staging)
         table = datasets.Dataset.from_list(units)
-        kwargs = dict(tokenizer=tokenizer, add_bos=add_bos, add_eos=add_eos, errors=errors, text_field=text_field)
+        kwargs = dict(tokenizer=tokenizer, add_bos=add_bos, add_eos=add_eos, errors=errors, text_field=text_field,
+                      encoding=encoding)
         nproc = min(num_proc, len(units))
         with forking_workers():
             done = table.map(_tokenize_batch, batched=True, batch_size=1, fn_kwargs=kwargs, keep_in_memory=True,
@@ -273,6 +273,7 @@ def build_blocks_with_summary(
     num_proc: int | None = None,
     errors: str = "strict",
     text_field: str = "text",
+    encoding: str = "utf-8",
     process_index: int | None = None,
     process_count: int | None = None,
     barrier: Callable[[str], None] | None = None,
@@ -281,8 +282,7 @@ def build_blocks_with_summary(
     """`build_blocks`, also returning the `PretrainSummary` (see `build_blocks` for the arguments)."""
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    if errors not in ("strict", "replace"):
-        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    check_encoding(encoding, errors)
     host, hosts, barrier = host_topology(process_index, process_count, barrier)
     if hosts > 1 and barrier is None:
         raise ValueError("simulated hosts (process_count != jax.process_count()) need an explicit barrier")
@@ -291,11 +291,12 @@ def build_blocks_with_summary(
     cache = Cache(cache_dir, local_cache_dir)
     files = discover_files(paths, PRETRAIN_EXTENSIONS)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    flags = dict(add_bos=add_bos, add_eos=add_eos, errors=errors, text_field=text_field)
+    flags = dict(add_bos=add_bos, add_eos=add_eos, errors=errors, text_field=text_field, encoding=encoding)
 
     # this host's files: hash, then tokenize the ones not cached yet
     mine = assign_to_hosts(files, hosts)[host]
-    my_keys = [_file_key(h, tok_fp, **flags) for h in content_hashes([files[i] for i in mine])]
+    my_keys = [_file_key(h, files[i].compression, tok_fp, **flags)
+               for i, h in zip(mine, content_hashes([files[i] for i in mine]), strict=True)]
     todo = [(i, k) for i, k in zip(mine, my_keys, strict=True) if not cache.exists(f"tokens/{k}")]
     if todo:
         _tokenize_files([files[i] for i, _ in todo], [k for _, k in todo], tokenizer, cache,
@@ -358,8 +359,8 @@ def build_blocks(
         cache_dir: where tokens and blocks are cached (local or fsspec URL); None uses a fresh temporary dir.
         add_eos: append EOS to every document (the seed's v1 did not, v2 did). BOS is added unless
             ``add_bos=False``.
-        **kwargs: ``add_bos``, ``num_proc`` (worker processes), ``errors`` ("strict" or "replace" for
-            non-UTF-8 bytes), ``text_field`` (jsonl), ``process_index``/``process_count``/``barrier``
+        **kwargs: ``add_bos``, ``num_proc`` (worker processes), ``encoding`` (of the text files, default utf-8; a
+            UTF-8 BOM is dropped), ``errors`` ("strict" or "replace" for undecodable bytes), ``text_field`` (jsonl), ``process_index``/``process_count``/``barrier``
             (multi-host; default from ``jax``), ``local_cache_dir`` (mirror of a remote cache).
 
     Returns:

@@ -24,6 +24,7 @@ import bisect
 import json
 import logging
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,15 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from zhjax.data.files import DataError, discover_files, encode_texts, forking_workers, open_binary
+from zhjax.data.files import (
+    DataError,
+    check_encoding,
+    decode,
+    discover_files,
+    encode_texts,
+    forking_workers,
+    read_all,
+)
 from zhjax.data.templates import CHAT, TEMPLATE_NAMES, join_instruction, render_prompt
 
 logger = logging.getLogger(__name__)
@@ -211,34 +220,88 @@ def encode_example(
 # ------------------------------------------------------------------------------------------- files
 
 
-def iter_records(paths: str | Path | Sequence[str | Path]) -> Iterator[tuple[str, int, object]]:
-    """Yield ``(file, record number, record)`` from ``.json`` lists and ``.jsonl`` files (errors name both)."""
+def iter_records(paths: str | Path | Sequence[str | Path], *, encoding: str = "utf-8",
+                 errors: str = "strict") -> Iterator[tuple[str, int, object]]:
+    """Yield ``(file, line, record)`` from ``.json`` lists and ``.jsonl`` files; ``line`` is where the record opens.
+
+    A UTF-8 BOM is accepted; ``encoding``/``errors`` say how the bytes are decoded. A file without records is
+    skipped with a warning that names it.
+    """
+    check_encoding(encoding, errors)
     for f in discover_files(paths, SFT_EXTENSIONS):
-        with open_binary(f.path, f.compression) as fh:
-            raw = fh.read()
+        raw = read_all(f)
+        text = decode(raw, f.path, encoding, errors, at_start=True, line_of=lambda at, raw=raw: raw[:at].count(b"\n") + 1)
+        records = _json_list(text, f.path) if f.fmt == ".json" else _json_lines(text, f.path)
+        if not records:
+            print(f"zhjax: warning: {f.path}: holds no records (skipped)", file=sys.stderr)
+        yield from ((f.path, line, r) for line, r in records)
+
+
+def _json_list(text: str, path: str) -> list[tuple[int, object]]:
+    """The records of a JSON list with the line each opens on (`json.loads` gives values, not positions)."""
+    decoder = json.JSONDecoder()
+    lines = _LineCounter(text)
+
+    def fail(e: json.JSONDecodeError):
+        return DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})")
+
+    at = _skip_space(text, 0)
+    if not text[at:at + 1] == "[":
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{f.path}: invalid UTF-8 at byte offset {e.start} (line {line})") from None
-        if f.fmt == ".json":
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f.path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(records, list):
-                raise DataError(f"{f.path}: a .json examples file must hold a list of records")
-            yield from ((f.path, i, r) for i, r in enumerate(records))
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise fail(e) from None
+        raise DataError(f"{path}: a .json examples file must hold a list of records")
+    at, out = _skip_space(text, at + 1), []
+    if text[at:at + 1] == "]":
+        return out
+    while True:
+        try:
+            record, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            raise fail(e) from None
+        out.append((lines.line_of(at), record))
+        at = _skip_space(text, end)
+        if text[at:at + 1] == ",":
+            at = _skip_space(text, at + 1)
             continue
-        number = 0
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                yield f.path, number, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f.path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            number += 1
+        if text[at:at + 1] == "]" and not text[_skip_space(text, at + 1):].strip():
+            return out
+        try:  # the standard library's own message and position for what follows
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise fail(e) from None
+        raise DataError(f"{path}:{lines.line_of(at)}: malformed JSON after a record")
+
+
+def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    return out
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
+
+
+class _LineCounter:
+    """1-based line numbers of increasing character offsets, counted once through the text."""
+
+    def __init__(self, text: str):
+        self.text, self.at, self.line = text, 0, 1
+
+    def line_of(self, offset: int) -> int:
+        self.line += self.text.count("\n", self.at, offset)
+        self.at = offset
+        return self.line
 
 
 def _encode_batch(batch: dict, **kwargs) -> dict:
@@ -248,7 +311,7 @@ def _encode_batch(batch: dict, **kwargs) -> dict:
         try:
             example = encode_example(json.loads(payload), stats=stats, **kwargs)
         except ValueError as e:
-            raise DataError(f"{source}: record {number}: {e}") from None
+            raise DataError(f"{source}:{number}: {e}") from None
         out["input_ids"].append(example["input_ids"] if example else [])
         out["labels"].append(example["labels"] if example else [])
         out["status"].append(",".join(sorted(stats)))
@@ -331,6 +394,8 @@ def build_sft_dataset(
     pack: bool = True,
     system_prompt: str | None = None,
     num_proc: int | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> tuple[datasets.Dataset, SFTSummary]:
     """Read, encode and (by default) pack instruction data; return the rows and a `SFTSummary`.
 
@@ -340,7 +405,7 @@ def build_sft_dataset(
     Raises:
         DataError: malformed files or records (file, record and field named), or no usable example at all.
     """
-    records = list(iter_records(paths))
+    records = list(iter_records(paths, encoding=encoding, errors=errors))
     summary = SFTSummary(files=len({s for s, _, _ in records}), records=len(records))
     if not records:
         raise DataError(f"{paths}: the examples files hold no records")

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from zhjax.convert.hf import CheckpointReader, hf_tensor_names, read_config, write_hf_dir
+from zhjax.ownership import check_output_dir
 from zhjax.tokenizer.guards import load_tokenizer, tokenizer_vocab_size
 from zhjax.tokenizer.resize import INITS, resize_embedding, subword_source_ids
 from zhjax.tokenizer.transfer import TransferConfig, transfer_rows
@@ -149,6 +150,7 @@ def resize_hf_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     sample_files: Sequence[str | Path] | None = None,
     transfer: TransferConfig | None = None,
+    overwrite: bool = False,
 ) -> ResizeResult:
     """Write `out_dir`: the HF model of `base_dir` grown to the tokenizer of `new_tokenizer_dir`.
 
@@ -156,7 +158,8 @@ def resize_hf_checkpoint(
     base model on the text of `sample_files`, with `transfer`'s sizes; the output is untied, see
     `zhjax.tokenizer.transfer`); `seed` makes every init reproducible. The base tokenizer (for the extension check and the subword pieces) is read from
     `base_tokenizer_dir`, by default `base_dir`. Tensors stream from the base's safetensors (or `.bin`) files
-    into sharded safetensors; `out_dir` appears only when complete.
+    into sharded safetensors; `out_dir` appears only when complete. An existing `out_dir` that zhjax did not
+    write is refused unless `overwrite` (`zhjax.ownership`).
 
     Raises:
         ValueError: unknown init, `out_dir` equal to `base_dir`, a new tokenizer that does not extend the
@@ -168,6 +171,7 @@ def resize_hf_checkpoint(
     base_dir = Path(base_dir)
     if Path(out_dir).resolve() == base_dir.resolve():
         raise ValueError(f"out_dir {out_dir} is the base dir: the base is read while the output is written")
+    check_output_dir(out_dir, inputs=[base_dir, base_tokenizer_dir], overwrite=overwrite)  # before any read
     config, raw = read_config(base_dir)
     old_vocab = config.vocab_size
     base_tok = load_tokenizer(base_tokenizer_dir or base_dir)
@@ -221,6 +225,8 @@ def resize_hf_checkpoint(
         generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
         tokenizer_dir=new_tokenizer_dir,
         max_shard_bytes=max_shard_bytes,
+        inputs=[base_dir, base_tokenizer_dir],
+        overwrite=overwrite,
     )
     resized = tuple(to_resize) + (() if tied_out or head_name in to_resize else (head_name,))
     return ResizeResult(written, old_vocab, new_vocab, init, tied_out, resized, fitted)

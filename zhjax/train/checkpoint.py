@@ -3,22 +3,31 @@
 A *base checkpoint* is a model's parameters in zhjax's own layout (stacked layers) plus `zhjax.json`, which records
 the layout (`scanned`, dtype, vocab size) and the full `ModelConfig`, so a reader never guesses how the arrays are
 laid out. Saving writes to a temporary directory that replaces the destination only when complete.
+
+A *run checkpoint* (`RunCheckpointer`) carries a checksum of every array it holds, in its `meta` item, computed on
+the device at save time and compared after restore (`tree_checksums`). Each checksum is two wrapping 32-bit sums
+of the array's bits weighted by odd functions of the element index: integer sums do not depend on the reduction
+order, so the value is the same on any mesh, and any single changed bit changes the first sum. A newest checkpoint
+that fails to restore or to verify is reported by name, moved to `checkpoints/damaged/`, and the next older one is
+tried (`restore_latest_good`); the run never trains on weights it could not verify.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
 from zhjax.config import ModelConfig, RopeScaling
+from zhjax.ownership import staged_dir
 
 LAYOUT_VERSION = 1
 
@@ -37,13 +46,15 @@ def config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def save_base_checkpoint(model: nnx.Module, out_dir: str | Path, *, source: str | None = None) -> Path:
-    """Save the model's base parameters (LoRA adapters excluded) as an orbax checkpoint with layout metadata."""
+def save_base_checkpoint(model: nnx.Module, out_dir: str | Path, *, source: str | None = None,
+                         overwrite: bool = False) -> Path:
+    """Save the model's base parameters (LoRA adapters excluded) as an orbax checkpoint with layout metadata.
+
+    An existing `out_dir` that zhjax did not write, or the `source` directory itself, is refused (`zhjax.ownership`).
+    """
     out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     _, _, base = nnx.split(model, nnx.LoRAParam, ...)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, inputs=[source], overwrite=overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", nnx.to_pure_dict(base))
         meta = {
@@ -56,12 +67,6 @@ def save_base_checkpoint(model: nnx.Module, out_dir: str | Path, *, source: str 
             "config": config_to_dict(model.config),
         }
         (tmp / "zhjax.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -92,6 +97,51 @@ def load_base_checkpoint(path: str | Path) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
+class CheckpointError(ValueError):
+    """No checkpoint of the run can be trusted; the message names each one and why."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """One checkpoint's arrays differ from the checksums saved with them."""
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 (narrower types widened, 64-bit types split into two words on a last axis)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = x.dtype.itemsize
+    if width == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    bits = _as_uint32(x)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):  # the row-major element index, without reshaping a sharded array
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride & 0xFFFFFFFF)
+        stride *= bits.shape[axis]
+    first = jnp.sum(bits * (index * 2 + 1), dtype=jnp.uint32)
+    rotated = (bits << 7) | (bits >> 25)
+    second = jnp.sum(rotated * ((index * jnp.uint32(0x9E3779B1)) | 1), dtype=jnp.uint32)
+    return jnp.stack([first, second])
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+
+
+def tree_checksums(tree) -> dict[str, list[int]]:
+    """`{path: [sum1, sum2]}` of every array in `tree` (module docstring); collective in a multi-process run."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(_checksums(tree))
+    # a replicated result is read from this process's own copy (a multi-process array is not fully addressable)
+    host = lambda x: x.addressable_data(0) if x.is_fully_replicated else jax.device_get(x)
+    return {jax.tree_util.keystr(path): [int(v) for v in host(value)] for path, value in flat}
+
+
 class RunCheckpointer:
     """Training checkpoints of one run: trainable params, optimizer state and a JSON `meta` item.
 
@@ -106,10 +156,13 @@ class RunCheckpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int | None, async_save: bool = True):
         # a URL stays a URL (etils.epath picks its backend); `Path` would mangle `gs://` into a local `gs:/`
         self.directory = epath.Path(directory) if "://" in str(directory) else Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("trainable", "opt_state", "meta"))
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self._options, item_names=("trainable", "opt_state", "meta"))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -119,7 +172,12 @@ class RunCheckpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, trainable, opt_state, meta: dict) -> None:
-        """Start saving (returns before the write finishes; `wait` blocks until it has)."""
+        """Start saving (returns before the write finishes; `wait` blocks until it has).
+
+        The arrays' checksums are computed now, on the device, and saved in `meta["checksums"]`.
+        """
+        meta = {**meta, "checksums": {"trainable": tree_checksums(nnx.to_pure_dict(trainable)),
+                                      "opt_state": tree_checksums(opt_state)}}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -142,9 +200,59 @@ class RunCheckpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
+        meta = restored["meta"]
+        saved = meta.get("checksums")
+        if saved is not None:  # checkpoints written before checksums existed are restored unverified
+            for name in ("trainable", "opt_state"):
+                got = tree_checksums(restored[name])
+                bad = sorted(k for k in set(got) | set(saved[name]) if got.get(k) != saved[name].get(k))
+                if bad:
+                    raise CheckpointDamaged(f"{name} checksum mismatch in {', '.join(bad[:3])}"
+                                            + (f" and {len(bad) - 3} more arrays" if len(bad) > 3 else ""))
         trainable = jax.tree.map(lambda x: x, trainable_target)
         nnx.replace_by_pure_dict(trainable, restored["trainable"])
-        return trainable, restored["opt_state"], restored["meta"]
+        return trainable, restored["opt_state"], meta
+
+    def restore_latest_good(self, trainable_target, opt_state_target, *, report: Callable[[str], None] = print):
+        """`(step, trainable, opt_state, meta)` of the newest checkpoint that restores and verifies, or None if none.
+
+        Each damaged newer checkpoint is reported by name and moved to `checkpoints/damaged/STEP-TIME` (kept, not
+        deleted), so the run saves that step afresh. When checkpoints exist but none is good, nothing is moved and
+        `CheckpointError` says which failed and why. Every process calls it.
+        """
+        failures = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                trainable, opt_state, meta = self.restore(step, trainable_target, opt_state_target)
+            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means "damaged"
+                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                report(f"zhjax: warning: checkpoint {self.directory / str(step)} is damaged ({reason})")
+                failures.append((step, reason))
+                continue
+            if failures:
+                self._move_aside([s for s, _ in failures])
+            return step, trainable, opt_state, meta
+        if failures:
+            listed = "; ".join(f"{s}: {r}" for s, r in failures)
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory} ({listed}); move them away, or start fresh with "
+                "overwrite_output_dir=true"
+            )
+        return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            (self.directory / "damaged").mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                (self.directory / str(step)).rename(self.directory / "damaged" / f"{step}-{stamp}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("zhjax-damaged-checkpoints-moved")
+        self.manager = self._open()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -98,7 +98,7 @@ def build_data(cfg: JobConfig, kind: str, model_config: ModelConfig, mesh, rows_
         prepared = prepare_pretrain_data(
             d.train_files, tokenizer, d.block_size, validation_paths=d.validation_files or None,
             validation_split_percentage=d.validation_split_percentage, seed=cfg.seed, cache_dir=d.data_cache_dir,
-            add_eos=d.add_eos, num_proc=d.preprocessing_num_workers,
+            add_eos=d.add_eos, num_proc=d.preprocessing_num_workers, encoding=d.encoding, errors=d.encoding_errors,
         )
         train, validation = prepared.train, prepared.validation
         use_segments = not d.attend_across_documents
@@ -109,12 +109,13 @@ def build_data(cfg: JobConfig, kind: str, model_config: ModelConfig, mesh, rows_
 
         rows, summary = build_sft_dataset(
             d.train_files, tokenizer, d.template, d.max_seq_length, d.max_prompt_length, pack=d.pack,
-            num_proc=d.preprocessing_num_workers,
+            num_proc=d.preprocessing_num_workers, encoding=d.encoding, errors=d.encoding_errors,
         )
         print(summary)
         if d.validation_files:
             validation, _ = build_sft_dataset(
-                d.validation_files, tokenizer, d.template, d.max_seq_length, d.max_prompt_length, pack=d.pack
+                d.validation_files, tokenizer, d.template, d.max_seq_length, d.max_prompt_length, pack=d.pack,
+                encoding=d.encoding, errors=d.encoding_errors,
             )
         elif d.validation_split_percentage:
             rows, validation = split_validation(rows, d.validation_split_percentage, cfg.seed)

@@ -7,8 +7,8 @@ Reads top to bottom:
 2. `split_model` separates trainable (float32) from frozen state with the filter the config asks for.
 3. The optimizer is built and initialised on the trainable state only; the step is jitted once with explicit
    in/out shardings and donated state.
-4. If `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the latest is restored, data position
-   and all, so the run continues at the next sample.
+4. If `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the newest one that restores and matches
+   its checksums is restored, data position and all, so the run continues at the next sample.
 5. Loop: step (metrics stay on the device), read them and check the loss is finite at logging, evaluation and
    save steps only, log every `logging_steps`, evaluate every `eval_steps`, save every
    `save_steps` (orbax, async) together with a PEFT adapter export.
@@ -20,9 +20,7 @@ locally and uploaded at each save (`zhjax.train.storage`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from zhjax.train.optim import build_optimizer, learning_rate_schedule
 from zhjax.train.plan import opt_state_shardings
 from zhjax.train.step import make_eval_step, make_train_step
 from zhjax.train.storage import OutputDir
+from zhjax.train.validate import check_job, clear_run_outputs, rewind_metrics, write_run_record
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,10 +134,13 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
 
     out = OutputDir(cfg.output_dir)  # a URL whose filesystem package is missing fails here, before any work
     is_main = jax.process_index() == 0
+    check_job(cfg, kind, len(jax.devices()))  # every problem at once, before anything is written or built
     if cfg.overwrite_output_dir and is_main and out.exists():
-        out.remove()
+        clear_run_outputs(out)  # only what a run writes, and only now that every check has passed
     _sync("zhjax-output-dir-cleared")
     out.prepare(is_main)
+    if is_main:
+        write_run_record(out.local, cfg, kind, len(jax.devices()))
     export_random_base = cfg.init_from is None and not out.exists("base/config.json")
     _sync("zhjax-output-dir-checked")  # every process decided before process 0 writes base/
 
@@ -156,7 +158,7 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
 
         host_model = _fully_replicated(model)  # every process takes part; process 0 writes
         if is_main:
-            save_hf(host_model, out.local / "base", tokenizer_dir=cfg.tokenizer)
+            save_hf(host_model, out.local / "base", tokenizer_dir=cfg.tokenizer, overwrite=True)  # checked by check_job
         del host_model
     data = build_data(cfg, kind, model.config, mesh, global_batch * accum)
     model_cfg = model.config
@@ -175,10 +177,10 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     schedule = learning_rate_schedule(cfg.optim, total_steps)
 
     ckpt = RunCheckpointer(out.location("checkpoints"), max_to_keep=cfg.save_total_limit, async_save=cfg.async_checkpointing)
-    start_step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        trainable, opt_state, meta = ckpt.restore(latest, trainable, opt_state)
+    start_step, latest = 0, None
+    restored = ckpt.restore_latest_good(trainable, opt_state, report=print if is_main else lambda _: None)
+    if restored is not None:  # the newest checkpoint that restores and matches its checksums
+        latest, trainable, opt_state, meta = restored
         data.load_state_dict(meta["data"])
         start_step = meta["step"]
         if is_main:
@@ -201,13 +203,14 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     embed_trainable = any(str(p[0]) == "embed_tokens" for p, _ in nnx.to_flat_state(trainable))
     fpt = flops_per_token(model_cfg, n_train, n_frozen, seq_len, embed_trainable=embed_trainable)
     peak = (cfg.peak_tflops_per_device * 1e12) if cfg.peak_tflops_per_device else peak_flops(jax.devices()[0])
+    if is_main:
+        rewind_metrics(out.local, start_step)  # records past the restored step are logged again below
     logger = MetricsLogger(out.local, enabled=is_main)
     logger.text(
         f"{kind}: {total_steps} steps, global batch {global_batch} x {accum} accum x {seq_len} tokens, mesh "
         f"{dict(mesh.shape)}, trainable {n_train:,} / frozen {n_frozen:,} params, attention {cfg.attention}, remat {cfg.remat}"
     )
     if is_main:
-        (out.local / "job_config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
         out.sync()  # a remote run shows its config (and random base) before the first save
 
     rng = jax.random.key(cfg.seed)
@@ -316,8 +319,9 @@ def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: Out
             from zhjax.convert.peft import save_peft_adapter
 
             base = cfg.init_from or str(out.location("base"))
-            save_peft_adapter(model, out.local / "adapter", base_model_name_or_path=base)
-            _save_tokenizer(cfg, out.local / "adapter")
+            # the run's own adapter/ (checked for strangers' files by `check_job` before the run started)
+            save_peft_adapter(model, out.local / "adapter", base_model_name_or_path=base,
+                              tokenizer_dir=cfg.tokenizer or cfg.init_from, overwrite=True)
     if is_main:
         out.sync()
 
@@ -342,17 +346,6 @@ def _fully_replicated(tree):
     mesh = next(x.sharding.mesh for x in jax.tree.leaves(state) if isinstance(x.sharding, jax.sharding.NamedSharding))
     state = jax.jit(lambda s: s, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(state)
     return state if graphdef is None else nnx.merge(graphdef, state)
-
-
-def _save_tokenizer(cfg: JobConfig, dest: Path) -> None:
-    src = cfg.tokenizer or cfg.init_from
-    if not src:
-        return
-    from zhjax.convert.hf import TOKENIZER_FILES
-
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).exists():
-            shutil.copy2(Path(src) / name, dest / name)
 
 
 def _jsonable(cfg) -> dict:
