@@ -56,7 +56,7 @@ from zhjax.model.decode import DecodeLayer, KVCache, decode, decode_logits, init
 log = logging.getLogger(__name__)
 
 TOP_K_CANDIDATES = 64  # top-k up to this runs on that many candidates; larger (or off) sorts the vocabulary
-DECODE_CHUNK = 4  # steps per decode call while nobody waits for a slot
+DECODE_CHUNK = 4  # steps per decode call (fewer when a slot frees sooner and a request waits for it)
 
 
 class RowSettings(NamedTuple):
@@ -339,7 +339,10 @@ class Batcher:
         admitted = self._admit()
         if not any(r is not None for r in self.slots):
             return admitted
-        limit = 1 if not self.waiting.empty() else self.chunk
+        limit = self.chunk
+        if not self.waiting.empty():  # stop when the first slot runs out of budget, to let a waiting request in
+            left = [r.max_tokens - int(self._steps[i]) for i, r in enumerate(self.slots) if r is not None]
+            limit = max(1, min(limit, *left))
         self.state, tokens, n = _decode(self.decoder.weights, self.state, jnp.int32(limit), config=self.config,
                                         eos_ids=self.eos_ids, chunk=self.chunk, pad_id=self.pad_id)
         tokens, steps, active = jax.device_get((tokens, self.state.step, self.state.active))
