@@ -115,6 +115,7 @@ class Stages:
         self.work = work
         self.file = work / "stages.json"
         self.done = json.loads(self.file.read_text()) if self.file.exists() else {}
+        self.rerun = False
 
     def run(self, name: str, settings: dict, fn) -> None:
         key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -123,6 +124,9 @@ class Stages:
             return
         start = time.perf_counter()
         print(f"[{name}] running", flush=True)
+        # a stage that completed before with other settings starts afresh (its old checkpoints are not resumed);
+        # one that never completed resumes from its own checkpoints
+        self.rerun = name in self.done
         fn()
         self.done[name] = key
         self.file.write_text(json.dumps(self.done, indent=2))
@@ -179,14 +183,14 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                                  validation_files=[str(validation)]),
         max_eval_batches=None if cfg.curve_lines else cfg.pretrain.max_eval_batches,
     )
-    stages.run("pretrain", {"job": _jsonable(pt), "base": stages.done.get("resize")}, lambda: train(pt, "pretrain"))
+    stages.run("pretrain", {"job": _jsonable(pt), "base": stages.done.get("resize")}, lambda: train(_fresh(pt, stages), "pretrain"))
 
     sft = dataclasses.replace(
         cfg.sft, init_from=str(base_zh), tokenizer=str(tok), adapters_from=str(pt_out), output_dir=str(sft_out),
         data=dataclasses.replace(cfg.sft.data, train_files=[str(data / "train.json")],
                                  validation_files=[str(data / "validation.json")]),
     )
-    stages.run("sft", {"job": _jsonable(sft), "pt": stages.done.get("pretrain")}, lambda: train(sft, "sft"))
+    stages.run("sft", {"job": _jsonable(sft), "pt": stages.done.get("pretrain")}, lambda: train(_fresh(sft, stages), "sft"))
 
     def export():
         from zhjax.convert.merge import merge_adapters
@@ -223,6 +227,11 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     (work / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     print(format_results(results))
     return results
+
+
+def _fresh(job, stages: Stages):
+    """The training job of a stage, told to replace its earlier run when the stage's settings changed."""
+    return dataclasses.replace(job, overwrite_output_dir=True) if stages.rerun else job
 
 
 def _describe_resize(result) -> str:
@@ -268,7 +277,7 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
                   f"spends {ratio:.2f}x the tokens per character")
     upstream = stages.done.get("resize-normal") if variant == "normal_init" else stages.done.get("data")
     stages.run(f"pretrain-{variant}", {"job": _jsonable(job), "upstream": upstream},
-               lambda: train(job, "pretrain"))
+               lambda: train(_fresh(job, stages), "pretrain"))
     stages.run(f"export-{variant}", {"pt": stages.done.get(f"pretrain-{variant}")},
                lambda: merge_adapters(base, [out / "adapter"], merged, dtype="float32", overwrite=True))
     return out, merged, tokenizer
@@ -285,7 +294,7 @@ def _compare_sft(cfg: RecipeConfig, sft, stages: Stages, work: Path) -> Path:
     job = dataclasses.replace(sft, init_from=str(base), tokenizer=str(base), adapters_from=str(pt_out),
                               output_dir=str(out), max_steps=_trained_steps(work / "sft"))
     stages.run("sft-no_extension", {"job": _jsonable(job), "pt": stages.done.get("pretrain-no_extension")},
-               lambda: train(job, "sft"))
+               lambda: train(_fresh(job, stages), "sft"))
     stages.run("export-sft-no_extension", {"sft": stages.done.get("sft-no_extension")},
                lambda: merge_adapters(base, [pt_out / "adapter", out / "adapter"], merged, dtype="float32", overwrite=True))
     return merged
