@@ -91,7 +91,15 @@ SLOW = {
         "test_seed_7b_pretraining_fits_v5e_8_at_batch_4_per_chip",
         "test_seed_13b_pretraining_fits_v5e_8",
     },
-    "test_recipe.py": {"test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages"},  # every stage
+    "test_recipe.py": {  # every stage
+        "test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages",
+        "test_learning_curves_of_both_runs_at_the_same_steps_are_drawn",  # 55 s
+    },
+    "test_transfer.py": {  # a tiny model resized three ways, tied and untied
+        "test_distill_is_closer_to_the_base_than_subword",
+        "test_distill_unties_keeps_old_rows_and_loads_in_transformers",
+        "test_distill_is_deterministic_for_a_seed",
+    },
     "test_remote_output.py": {"test_gs_output_dir_gets_checkpoints_and_files_and_resumes_like_a_local_run"},
     "test_smollm2_parity.py": {"test_smollm2_logits_match_transformers_on_mixed_text"},  # 34 s
     "test_splash.py": {

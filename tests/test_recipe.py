@@ -14,11 +14,9 @@ torch, transformers = optional("torch"), optional("transformers")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@needs_torch
-def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_path, assets, capsys):
-    from zhjax.recipe import load_recipe_config, run_recipe
-
-    # a tiny random LLaMA with the bundled byte-level BPE tokenizer, as the base model
+def _tiny_base(tmp_path, assets):
+    """A tiny random LLaMA with the bundled byte-level BPE tokenizer at `tmp_path/base`, and 1500 tagged lines of
+    People's Daily: `(tagged file, the model's transformers config)`."""
     tok = transformers.AutoTokenizer.from_pretrained(REPO / "configs" / "tiny" / "tokenizer")
     config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -28,8 +26,16 @@ def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_pa
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     tagged = tmp_path / "tagged.txt"
-    lines = assets.corpus_tagged.read_text(encoding="utf-8").splitlines()[:1500]
-    tagged.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tagged.write_text("\n".join(assets.corpus_tagged.read_text(encoding="utf-8").splitlines()[:1500]) + "\n",
+                      encoding="utf-8")
+    return tagged, config
+
+
+@needs_torch
+def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_path, assets, capsys):
+    from zhjax.recipe import load_recipe_config, run_recipe
+
+    tagged, config = _tiny_base(tmp_path, assets)
 
     job = ["dtype=float32", "data.block_size=64", "per_device_train_batch_size=2", "max_steps=3",
            "logging_steps=1", "eval_steps=0", "save_steps=0", f"data.data_cache_dir={tmp_path / 'cache'}"]
@@ -86,22 +92,13 @@ def test_no_extension_sft_needs_the_no_extension_run():
         load_recipe_config(None, ["compare=[no_extension_sft]"])
 
 
+@needs_torch
 def test_learning_curves_of_both_runs_at_the_same_steps_are_drawn(tmp_path, assets):
     """`curve_lines` scores a fixed held-out slice at step 0 and every eval_steps in the run with extension and
     the one without (same steps with `no_extension_budget: steps`), and draws both curves into a PNG."""
     from zhjax.recipe import load_recipe_config, run_recipe
 
-    tok = transformers.AutoTokenizer.from_pretrained(REPO / "configs" / "tiny" / "tokenizer")
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    tagged = tmp_path / "tagged.txt"
-    tagged.write_text("\n".join(assets.corpus_tagged.read_text(encoding="utf-8").splitlines()[:1500]) + "\n",
-                      encoding="utf-8")
+    tagged, config = _tiny_base(tmp_path, assets)
     job = ["dtype=float32", "data.block_size=64", "per_device_train_batch_size=2", "max_steps=4",
            "logging_steps=2", "eval_steps=2", "save_steps=0", f"data.data_cache_dir={tmp_path / 'cache'}"]
     overrides = [f"base_model={tmp_path / 'base'}", f"corpus_tagged={tagged}", f"work_dir={tmp_path / 'work'}",
