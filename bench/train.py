@@ -10,9 +10,9 @@ these machines' speed drifts 2-5x within minutes and only per-pair ratios from o
 average is printed first and a run refuses to start above 1.0 (other jobs skew the ratios) unless `--force`.
 
 All rows: r=8, alpha=32, dropout 0.05 on all seven targets, embed_tokens + lm_head trained, clipping 1.0,
-AdamW. Rows: zhjax fp32 (the setting the training-parity test pins against PyTorch), zhjax fast (`dtype:
-bfloat16` compute with float32 master weights and Adam state, `loss_chunk_size` fused LM head + loss), and
-transformers + peft fp32. The table also gives how close each gets to the machine: the step's matmul FLOPs
+AdamW. Rows: zhjax fp32 (the setting the training-parity test pins against PyTorch), zhjax bf16 (`dtype:
+bfloat16`: bf16 products with float32 accumulation, float32 master weights and Adam state), the same with the
+fused chunked LM head + loss (`loss_chunk_size: 256`), and transformers + peft fp32. `--only` picks rows. The table also gives how close each gets to the machine: the step's matmul FLOPs
 (counted, see `zhjax.train.metrics.flops_per_token`) over the rate of a large GEMM measured in the same run
 (fp32 numpy; the bf16 row's ceiling is about twice that on AVX-512 BF16 CPUs).
 """
@@ -130,6 +130,7 @@ def demo_model(base: str, vocab: int, untied: bool) -> str:
 
 SYSTEMS = {  # row name -> (worker, dtype, loss_chunk_size)
     "zhjax fp32": (zhjax_worker, "float32", 0),
+    "zhjax bf16": (zhjax_worker, "bfloat16", 0),
     "zhjax bf16 + chunked loss": (zhjax_worker, "bfloat16", 256),
     "transformers+peft fp32": (torch_worker, "float32", 0),
 }

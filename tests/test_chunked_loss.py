@@ -105,4 +105,4 @@ def test_bf16_products_of_a_linear_layer_and_the_head_take_the_bf16_path_on_cpu(
     targets, weights = jax.ShapeDtypeStruct((64,), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.float32)
     head = jax.jit(jax.grad(chunked_head_loss, (0, 1)), static_argnums=4)
     dots = _dot_operand_types(head.lower(x, w, targets, weights, 32).compile().as_text())
-    assert len(dots) == 3 and all(t == ("bf16", "bf16") for t in dots), dots
+    assert len(dots) == 3 * 2 and all(t == ("bf16", "bf16") for t in dots), dots
