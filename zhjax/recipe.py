@@ -241,9 +241,10 @@ def _describe_resize(result) -> str:
             f"{layout}")
     t = result.transfer
     if t is not None:
-        line += (f"; fitted on {t.chunks} sample chunks ({t.positions} positions) in {t.seconds:.0f} s: KL to the base "
-                 f"{t.input_kl[0]:.3f} -> {t.input_kl[1]:.3f} nats, next-token loss {t.output_nll[0]:.3f} -> "
-                 f"{t.output_nll[1]:.3f} nats")
+        line += f"; fitted on {t.chunks} sample windows ({t.positions} positions) in {t.seconds:.0f} s: "
+        if t.input_kl[0] == t.input_kl[0]:  # the input rows were distilled (not nan)
+            line += f"KL to the base {t.input_kl[0]:.3f} -> {t.input_kl[1]:.3f} nats, "
+        line += f"next-token loss {t.output_nll[0]:.3f} -> {t.output_nll[1]:.3f} nats"
     return line
 
 

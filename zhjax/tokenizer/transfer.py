@@ -80,8 +80,8 @@ class TransferResult:
     head_rows: np.ndarray
     chunks: int
     positions: int
-    input_kl: tuple[float, float]  # mean KL (nats) to the teacher over the sample, before and after
-    output_nll: tuple[float, float]  # the sample's next-token loss (nats) from the teacher's states, before/after
+    input_kl: tuple[float, float]  # mean KL (nats) to the teacher on a probe batch, before/after (nan: no teacher)
+    output_nll: tuple[float, float]  # the sample's next-token loss (nats) on the grown model's states, before/after
     seconds: float
 
 
