@@ -94,3 +94,15 @@ def test_a_bin_adapter_without_torch_is_refused_naming_the_file(no_torch, tmp_pa
     (tmp_path / "adapter_model.bin").write_bytes(b"not read")
     with pytest.raises(MissingExtra, match=r"adapter_model\.bin: reading a \.bin adapter needs torch"):
         read_peft_adapter(tmp_path)
+
+
+def test_serve_without_its_extra_refuses_in_one_line(monkeypatch, capsys):
+    from zhjax.cli import main
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--model", "nowhere"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("zhjax serve: the server (FastAPI + uvicorn) needs fastapi") and "zhjax[serve]" in err
+    assert len(err.splitlines()) == 1

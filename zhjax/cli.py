@@ -98,6 +98,9 @@ def _chat(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
+    from zhjax._extras import require
+
+    require("fastapi", "uvicorn", extra="serve", why="the server (FastAPI + uvicorn)", prog="zhjax serve")
     from zhjax.infer.serve import serve_main
 
     return serve_main(argv)
