@@ -315,6 +315,12 @@ def test_a_client_that_disconnects_frees_its_slot(live, stream):
         resp = conn.getresponse()
         assert resp.status == 200
         assert resp.read(9) == b": zhjax\n\n"  # streaming has begun
+        # the first text event: the request has surely reached the batcher (a client that leaves before that
+        # never takes a slot, and there is nothing to free)
+        seen = b""
+        while b"data:" not in seen:
+            assert len(seen) < 4096
+            seen += resp.read(1)
     else:
         deadline = time.monotonic() + 30
         while not server.batcher.active:  # wait until it holds a slot
