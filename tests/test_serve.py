@@ -424,7 +424,8 @@ def test_chat_page_in_a_headless_browser_streams_keeps_history_and_resets(live, 
             page.on("request", lambda r: r.url.endswith("/chat/completions") and sent.append(r.post_data_json))
             page.goto(base + "/")
             sync_api.expect(page.locator("#status")).to_contain_text("tiny")
-            assert page.input_value("#temperature") == "0.2" and page.input_value("#top_k") == "40"
+            sync_api.expect(page.locator("#temperature")).to_have_value("0.2")  # waits for /health to fill them
+            sync_api.expect(page.locator("#top_k")).to_have_value("40")
             page.fill("#temperature", "0")
             page.fill("#max_tokens", "24")
             page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
