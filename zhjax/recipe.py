@@ -39,6 +39,7 @@ from pathlib import Path
 from zhjax._extras import require
 from zhjax.config import PretrainConfig, SFTConfig
 from zhjax.tokenizer.transfer import TransferConfig
+from zhjax.train.validate import jsonable
 
 
 @dataclass
@@ -168,7 +169,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                                       transfer=dataclasses.replace(cfg.transfer, seed=cfg.seed), overwrite=True)
         print(_describe_resize(result))
 
-    transfer_key = _jsonable(cfg.transfer) if cfg.resize_init == "distill" else None
+    transfer_key = jsonable(cfg.transfer) if cfg.resize_init == "distill" else None
     stages.run("resize", {"init": cfg.resize_init, "tok": stages.done.get("tokenizer"), "transfer": transfer_key},
                resize)
 
@@ -183,14 +184,14 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                                  validation_files=[str(validation)]),
         max_eval_batches=None if cfg.curve_lines else cfg.pretrain.max_eval_batches,
     )
-    stages.run("pretrain", {"job": _jsonable(pt), "base": stages.done.get("resize")}, lambda: train(_fresh(pt, stages), "pretrain"))
+    stages.run("pretrain", {"job": jsonable(pt), "base": stages.done.get("resize")}, lambda: train(_fresh(pt, stages), "pretrain"))
 
     sft = dataclasses.replace(
         cfg.sft, init_from=str(base_zh), tokenizer=str(tok), adapters_from=str(pt_out), output_dir=str(sft_out),
         data=dataclasses.replace(cfg.sft.data, train_files=[str(data / "train.json")],
                                  validation_files=[str(data / "validation.json")]),
     )
-    stages.run("sft", {"job": _jsonable(sft), "pt": stages.done.get("pretrain")}, lambda: train(_fresh(sft, stages), "sft"))
+    stages.run("sft", {"job": jsonable(sft), "pt": stages.done.get("pretrain")}, lambda: train(_fresh(sft, stages), "sft"))
 
     def export():
         from zhjax.convert.merge import merge_adapters
@@ -277,7 +278,7 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
             print(f"[pretrain-{variant}] {job.max_steps} steps for the main run's {pt.max_steps}: the base tokenizer "
                   f"spends {ratio:.2f}x the tokens per character")
     upstream = stages.done.get("resize-normal") if variant == "normal_init" else stages.done.get("data")
-    stages.run(f"pretrain-{variant}", {"job": _jsonable(job), "upstream": upstream},
+    stages.run(f"pretrain-{variant}", {"job": jsonable(job), "upstream": upstream},
                lambda: train(_fresh(job, stages), "pretrain"))
     stages.run(f"export-{variant}", {"pt": stages.done.get(f"pretrain-{variant}")},
                lambda: merge_adapters(base, [out / "adapter"], merged, dtype="float32", overwrite=True))
@@ -294,7 +295,7 @@ def _compare_sft(cfg: RecipeConfig, sft, stages: Stages, work: Path) -> Path:
     out, merged = work / "sft-no-extension", work / "merged-final-no-extension"
     job = dataclasses.replace(sft, init_from=str(base), tokenizer=str(base), adapters_from=str(pt_out),
                               output_dir=str(out), max_steps=_trained_steps(work / "sft"))
-    stages.run("sft-no_extension", {"job": _jsonable(job), "pt": stages.done.get("pretrain-no_extension")},
+    stages.run("sft-no_extension", {"job": jsonable(job), "pt": stages.done.get("pretrain-no_extension")},
                lambda: train(_fresh(job, stages), "sft"))
     stages.run("export-sft-no_extension", {"sft": stages.done.get("sft-no_extension")},
                lambda: merge_adapters(base, [pt_out / "adapter", out / "adapter"], merged, dtype="float32", overwrite=True))
@@ -390,11 +391,3 @@ def format_results(r: dict) -> str:
     for s in r["samples"]:
         out += ["", f"Q: {s['instruction']}\n   {s['input']}", f"gold:   {s['gold']}", f"answer: {s['answer']}"]
     return "\n".join(out)
-
-
-def _jsonable(x):
-    if dataclasses.is_dataclass(x):
-        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

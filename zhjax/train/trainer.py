@@ -19,7 +19,6 @@ locally and uploaded at each save (`zhjax.train.storage`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from zhjax.train.optim import build_optimizer, learning_rate_schedule
 from zhjax.train.plan import opt_state_shardings
 from zhjax.train.step import make_eval_step, make_train_step
 from zhjax.train.storage import OutputDir
-from zhjax.train.validate import check_job, clear_run_outputs, rewind_metrics, write_run_record
+from zhjax.train.validate import check_job, clear_run_outputs, jsonable, rewind_metrics, write_run_record
 
 
 class NonFiniteLossError(RuntimeError):
@@ -310,7 +309,7 @@ def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: Out
     A remote `out` gets process 0's staged files (adapter, metrics so far) before this returns, so a job
     preempted once the checkpoint is complete has them uploaded too.
     """
-    meta = {"step": step, "data": data.state_dict(), "seed": cfg.seed, "config": _jsonable(cfg)}
+    meta = {"step": step, "data": data.state_dict(), "seed": cfg.seed, "config": jsonable(cfg)}
     ckpt.save(step, trainable, opt_state, meta)
     if not cfg.full_finetuning:
         # the adapter export reads every shard of the trainable state: replicate it (all processes take part)
@@ -347,14 +346,4 @@ def _fully_replicated(tree):
     state = jax.jit(lambda s: s, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(state)
     return state if graphdef is None else nnx.merge(graphdef, state)
 
-
-def _jsonable(cfg) -> dict:
-    def convert(x):
-        if dataclasses.is_dataclass(x):
-            return {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        if isinstance(x, (list, tuple)):
-            return [convert(v) for v in x]
-        return x
-
-    return convert(cfg)
 

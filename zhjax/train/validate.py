@@ -195,7 +195,7 @@ def resume_differences(out: Path, cfg, kind: str, num_devices: int) -> list[str]
     if not saved_file.exists():
         return []
     saved = _flatten(json.loads(saved_file.read_text()))
-    now = _flatten(json.loads(json.dumps(_jsonable(cfg))))
+    now = _flatten(json.loads(json.dumps(jsonable(cfg))))
     changed = [k for k in sorted(set(saved) | set(now))
                if k not in RESUMABLE_CHANGES and saved.get(k, "<unset>") != now.get(k, "<unset>")]
     diffs = [f"{k}: saved {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in changed]
@@ -219,7 +219,7 @@ def write_run_record(out: Path, cfg, kind: str, num_devices: int) -> None:
     global_batch = cfg.per_device_train_batch_size * num_devices
     (out / RUN_RECORD).write_text(json.dumps({"kind": kind, "global_batch": global_batch,
                                               "num_devices": num_devices}, indent=2))
-    (out / "job_config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+    (out / "job_config.json").write_text(json.dumps(jsonable(cfg), indent=2))
 
 
 def rewind_metrics(run_dir: Path, step: int) -> int:
@@ -282,9 +282,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _jsonable(cfg):
+def jsonable(cfg):
+    """A (nested) config dataclass as plain dicts and lists, for JSON and for comparing configs."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {f.name: jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (list, tuple)):
-        return [_jsonable(v) for v in cfg]
+        return [jsonable(v) for v in cfg]
     return cfg
