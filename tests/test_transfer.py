@@ -46,6 +46,7 @@ def grown(request, setup):
     base = make_hf_model(tmp / f"base-{request.param}", request.param)
     out = {}
     for name, init, cfg in (("subword", "subword", None), ("distill", "distill", TINY),
+                            ("distill-new", "distill", dataclasses.replace(TINY, output_rows="new")),
                             ("distill-base", "distill", TINY_BASE)):
         out[name] = resize_hf_checkpoint(base, ext, tmp / f"{name}-{request.param}", init, seed=0,
                                          sample_files=[sample], transfer=cfg)
@@ -98,9 +99,12 @@ def test_distill_is_closer_to_the_base_than_subword(grown, setup):
     base_tok, new_tok = AutoTokenizer.from_pretrained(base_tok_dir), AutoTokenizer.from_pretrained(ext)
     lines = sorted(set(CHINESE))
     kl_sub, gap_sub, nll_sub = _aligned_scores(base_dir, results["subword"].out_dir, base_tok, new_tok, lines)
-    kl_dis, _, nll_dis = _aligned_scores(base_dir, results["distill"].out_dir, base_tok, new_tok, lines)
+    _, _, nll_dis = _aligned_scores(base_dir, results["distill"].out_dir, base_tok, new_tok, lines)
+    kl_dis, _, _ = _aligned_scores(base_dir, results["distill-new"].out_dir, base_tok, new_tok, lines)
     _, gap_base, _ = _aligned_scores(base_dir, results["distill-base"].out_dir, base_tok, new_tok, lines)
-    # input rows: after a new token, the next-token distribution over the old vocabulary is the base's
+    # input rows: after a new token, the next-token distribution over the old vocabulary is the base's (measured
+    # with the old head rows kept, output_rows="new": the default also refits the old rows the sample predicts,
+    # which moves that distribution on purpose)
     assert kl_dis < 0.5 * kl_sub, (kl_dis, kl_sub)
     # output rows, target "data": the sample's extended tokens are predicted better than with the pieces' mean
     assert nll_dis < nll_sub, (nll_dis, nll_sub)
@@ -116,16 +120,40 @@ def test_distill_unties_keeps_old_rows_and_loads_in_transformers(grown):
     assert not out.config.tie_word_embeddings
     old_in, old_out = base.get_input_embeddings().weight, base.get_output_embeddings().weight
     assert torch.equal(out.get_input_embeddings().weight[:OLD_VOCAB], old_in)
-    assert torch.equal(out.get_output_embeddings().weight[:OLD_VOCAB], old_out)
+    # the head's old rows: bit for bit, except those of the tokens the sample predicts (output_rows="seen")
+    refit = r.transfer.head_old_ids
+    assert 0 < len(refit) < OLD_VOCAB
+    untouched = np.setdiff1d(np.arange(OLD_VOCAB), refit)
+    head = out.get_output_embeddings().weight.detach().numpy()
+    assert np.array_equal(head[untouched], old_out.detach().numpy()[untouched])
+    assert np.array_equal(head[refit], r.transfer.head_old_rows)
+    assert not np.allclose(head[refit], old_out.detach().numpy()[refit])
     # the new rows transformers loaded are the fitted ones, in and out different
     assert np.array_equal(out.get_input_embeddings().weight[OLD_VOCAB:].detach().numpy(), r.transfer.embed_rows)
-    assert np.array_equal(out.get_output_embeddings().weight[OLD_VOCAB:].detach().numpy(), r.transfer.head_rows)
+    assert np.array_equal(head[OLD_VOCAB:], r.transfer.head_rows)
     assert not np.allclose(r.transfer.embed_rows, r.transfer.head_rows)
-    # text made only of old tokens: the same logits over the old vocab as the base
+    # text made only of old tokens: the base's final states, so the base's logits wherever the head row was kept
     ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
     with torch.no_grad():
         a, b = base(input_ids=ids).logits, out(input_ids=ids).logits[..., :OLD_VOCAB]
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a[..., untouched], b[..., untouched], atol=1e-5)
+
+
+def test_only_the_old_rows_the_sample_predicts_are_refitted(setup, grown):
+    """`output_rows="seen"` (the default) refits the head rows of old tokens that occur in the sample's extended
+    tokenization (and no others); `"new"` keeps every old head row bit for bit. (Whether the refit pays is measured on
+    SmolLM2 by bench/resize_init.py: README "Where training starts".)"""
+    _, sample, _, ext = setup
+    base_dir, results = grown
+    new_tok = AutoTokenizer.from_pretrained(ext)
+    in_sample = {t for line in sample.read_text(encoding="utf-8").splitlines() if line
+                 for t in new_tok.encode(line + "\n", add_special_tokens=False) if t < OLD_VOCAB}
+    refit = set(results["distill"].transfer.head_old_ids.tolist())
+    assert refit and refit <= in_sample, sorted(refit - in_sample)
+    only_new = results["distill-new"]
+    assert len(only_new.transfer.head_old_ids) == 0
+    assert torch.equal(_hf(only_new.out_dir).get_output_embeddings().weight[:OLD_VOCAB],
+                       _hf(base_dir).get_output_embeddings().weight)
 
 
 def test_distill_is_deterministic_for_a_seed(setup, tmp_path):
@@ -135,6 +163,7 @@ def test_distill_is_deterministic_for_a_seed(setup, tmp_path):
     b = resize_hf_checkpoint(base, ext, tmp_path / "b", "distill", seed=3, sample_files=[sample], transfer=TINY)
     assert np.array_equal(a.transfer.embed_rows, b.transfer.embed_rows)
     assert np.array_equal(a.transfer.head_rows, b.transfer.head_rows)
+    assert np.array_equal(a.transfer.head_old_rows, b.transfer.head_old_rows)
 
 
 def test_distill_refuses_bad_input_before_writing(setup, tmp_path):

@@ -50,6 +50,8 @@ class EvalConfig:
     batch_size: int = 8
     show_answers: int = 3
     evaluate_base_tasks: bool = True
+    # the tasks scored on the pre-trained model too (before SFT it has not seen the instructions: the demo skips it)
+    evaluate_pretrain_tasks: bool = True
 
 
 @dataclass
@@ -356,7 +358,8 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | Non
     for name, path in models.items():
         model, tok = load_hf(str(path))
         bpc[name] = bits_per_character(model, tok, lines).bits_per_char
-        if name in (extra_models or {}) or (name == "base model" and not e.evaluate_base_tasks):
+        if name in (extra_models or {}) or (name == "base model" and not e.evaluate_base_tasks) or (
+                name == "after pre-training" and not e.evaluate_pretrain_tasks):
             continue
         preds = generate_answers(model, tok, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
         answers[name] = preds

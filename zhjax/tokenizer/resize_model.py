@@ -206,8 +206,11 @@ def resize_hf_checkpoint(
     def grown(name: str, arr: np.ndarray) -> np.ndarray:
         if fitted is None:
             return resize_embedding(np.asarray(arr), new_vocab, init, source_ids=sources, rng_seed=seeds[name])
-        rows = fitted.embed_rows if name == embed_name else fitted.head_rows
-        return np.concatenate([np.asarray(arr), rows.astype(arr.dtype)])
+        old = np.array(arr)
+        if name == embed_name:
+            return np.concatenate([old, fitted.embed_rows.astype(old.dtype)])
+        old[fitted.head_old_ids] = fitted.head_old_rows.astype(old.dtype)  # refitted old head rows (output_rows="seen")
+        return np.concatenate([old, fitted.head_rows.astype(old.dtype)])
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for name in reader.where:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -60,10 +60,15 @@ class TransferConfig:
     output_learning_rate: float = 1e-3
     output_l2: float = 1e-3
     output_target: str = "data"  # "data": the sample's next token; "base": the base's log-probability of its pieces
+    # output rows before the fit: the pieces' "mean" | "chain" (the first piece's row, offset by the base's
+    # log-probability of the other pieces after it) | the "first" piece's row
+    output_start: str = "mean"
+    output_rows: str = "seen"  # "seen": the new head rows and the old rows of the tokens the sample predicts | "new"
     seed: int = 0
 
     def __post_init__(self):
-        checks = {"input_start": ("mean", "last", "weighted"), "output_target": ("data", "base")}
+        checks = {"input_start": ("mean", "last", "weighted"), "output_target": ("data", "base"),
+                  "output_rows": ("seen", "new"), "output_start": ("mean", "chain", "first")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"transfer.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -76,13 +81,16 @@ class TransferConfig:
 class TransferResult:
     """New rows `[n_new, D]` for `embed_tokens` and `lm_head` (HF layout) and what the fit measured."""
 
-    embed_rows: np.ndarray
-    head_rows: np.ndarray
+    embed_rows: np.ndarray = field(repr=False)
+    head_rows: np.ndarray = field(repr=False)
     chunks: int
     positions: int
     input_kl: tuple[float, float]  # mean KL (nats) to the teacher on a probe batch, before/after (nan: no teacher)
     output_nll: tuple[float, float]  # the sample's next-token loss (nats) on the grown model's states, before/after
     seconds: float
+    # `output_rows="seen"`: the old head rows refitted (their ids and new values); empty otherwise
+    head_old_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    head_old_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32), repr=False)
 
 
 @dataclass
@@ -182,7 +190,7 @@ def transfer_rows(
     embed_old = jnp.asarray(base_model.embed_tokens.embedding[...], jnp.float32)
     head_old = embed_old if base_model.lm_head is None else jnp.asarray(base_model.lm_head.kernel[...]).T
     start_embed = _start_rows(np.asarray(embed_old), sources, config.input_start)
-    start_head = _mean_rows(np.asarray(head_old), sources)
+    start_head = _start_rows(np.asarray(head_old), sources, "mean" if config.output_start == "mean" else "first")
 
     chosen, total = [], 0
     rng = np.random.default_rng(config.seed)
@@ -290,24 +298,36 @@ def transfer_rows(
     held_out = (window % 5 == 4)[next_mask.reshape(-1) > 0]  # every fifth window checks the fit (early stop)
     keep = next_mask.reshape(-1) > 0
     h = jnp.asarray(student_h.reshape(-1, student_h.shape[-1])[keep])
-    tgt = jnp.asarray(ext_next.reshape(-1)[keep])
+    tgt_np = ext_next.reshape(-1)[keep]
     string_logp = jnp.asarray(string_logp.reshape(-1)[keep], jnp.float32)  # log p_base(the next token's pieces)
-    old_logits = jax.jit(lambda h: (jax.nn.logsumexp(h @ head_old.T, axis=-1),
-                                    jnp.take_along_axis(h @ head_old.T, jnp.minimum(tgt, old_vocab - 1)[:, None], 1)[:, 0]))
-    lse_old, old_target = old_logits(h)
-    start_h = jnp.asarray(start_head)
+    # the rows fitted: the new ones, and with output_rows="seen" the old rows of the tokens the sample predicts
+    # (their probability after a new token, and the mass the new tokens take from their pieces, move with them);
+    # the log-sum-exp of every other old row is computed once
+    seen_old = np.unique(tgt_np[tgt_np < old_vocab]) if config.output_rows == "seen" else np.zeros(0, np.int64)
+    fitted_ids = np.concatenate([seen_old, np.arange(old_vocab, old_vocab + n_new)])
+    tgt = jnp.asarray(np.searchsorted(fitted_ids, tgt_np))  # each target's index among the fitted rows
+    rest = np.setdiff1d(np.arange(old_vocab), seen_old)
+    lse_rest = jax.jit(lambda h, w: jax.nn.logsumexp(h @ w.T, axis=-1))(h, head_old[rest])
+    if config.output_start == "chain":
+        # log p(new token) ~ log p(first piece) + log p(the other pieces | the first): the first piece's row plus a
+        # constant offset, carried by the direction along which the final states barely vary (their mean: a
+        # model's normed final states share a large common component, h.u = 1 +- 0.1 on SmolLM2)
+        mean_h = np.asarray(h.mean(axis=0))
+        start = base_tok.bos_token_id if base_tok.bos_token_id is not None else base_tok.eos_token_id
+        offset = _continuation_logp(graphdef, state, head_old, sources, start, 64)
+        start_head = start_head + offset[:, None] * (mean_h / (mean_h @ mean_h))[None, :]
+    start_h = jnp.concatenate([head_old[seen_old], jnp.asarray(start_head)])
 
-    def output_loss(new_rows, part=None):
+    def output_loss(rows, part=None):
         """`(objective, (fit term, mean next-token loss))`: with `output_target="base"` the squared gap between the grown
         model's log-probability of each next token and the base's log-probability of its pieces; with "data"
         the cross-entropy of the sample's next tokens. Both with the L2 pull to the start rows."""
-        new_logits = h @ new_rows.T
-        lse = jnp.logaddexp(lse_old, jax.nn.logsumexp(new_logits, axis=-1))
-        picked_new = jnp.take_along_axis(new_logits, jnp.maximum(tgt - old_vocab, 0)[:, None], 1)[:, 0]
-        logp = jnp.where(tgt >= old_vocab, picked_new, old_target) - lse
+        logits = h @ rows.T
+        lse = jnp.logaddexp(lse_rest, jax.nn.logsumexp(logits, axis=-1))
+        logp = jnp.take_along_axis(logits, tgt[:, None], 1)[:, 0] - lse
         weight = train_w if part is None else part
         fit = (((logp - string_logp) ** 2) if config.output_target == "base" else -logp) @ weight / weight.sum()
-        return fit + config.output_l2 * ((new_rows - start_h) ** 2).sum() / n_new, (fit, -logp @ weight / weight.sum())
+        return fit + config.output_l2 * ((rows - start_h) ** 2).sum() / n_new, (fit, -logp @ weight / weight.sum())
 
     train_w = jnp.asarray(~held_out, jnp.float32)
     held_w = jnp.asarray(held_out, jnp.float32)
@@ -335,12 +355,41 @@ def transfer_rows(
     bar.close()
     hrows = best_rows
     nll_after = float(output_loss(hrows)[1][1])
-    return TransferResult(embed_rows, np.asarray(hrows), n, int(keep.sum()), (kl_before, kl_after),
-                          (nll_before, nll_after), time.perf_counter() - t0)
+    hrows = np.asarray(hrows)
+    return TransferResult(embed_rows, hrows[len(seen_old):], n, int(keep.sum()), (kl_before, kl_after),
+                          (nll_before, nll_after), time.perf_counter() - t0, seen_old, hrows[:len(seen_old)])
+
+
+def _continuation_logp(graphdef, state, head_old: jax.Array, sources: Sequence[Sequence[int]], start: int,
+                       batch_size: int) -> np.ndarray:
+    """`log p_base(pieces 2..k | start token, piece 1)` of every new token (0 for a one-piece token): what the base
+    model thinks of the rest of the token once its first piece is out, in a neutral context. Tokens go in batches
+    of similar length (widths 4, 8, 16, ...: one compilation each)."""
+
+    @jax.jit
+    def chain(ids, mask):
+        h = nnx.merge(graphdef, state).hidden_states(ids, mask)
+        logp = jax.nn.log_softmax(h[:, 1:-1] @ head_old.T, axis=-1)  # after piece 1, 2, ...: the next piece
+        picked = jnp.take_along_axis(logp, ids[:, 2:, None], axis=-1)[..., 0]
+        return (picked * mask[:, 2:]).sum(-1)
+
+    out = np.zeros(len(sources), np.float32)
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    for k in range(0, len(order), batch_size):
+        rows = order[k:k + batch_size]
+        width = 4
+        while width < len(sources[rows[-1]]) + 1:
+            width *= 2
+        ids = np.zeros((batch_size, width), np.int32)
+        mask = np.zeros((batch_size, width), np.int32)
+        for r, i in enumerate(rows):
+            ids[r, 0], ids[r, 1:len(sources[i]) + 1], mask[r, :len(sources[i]) + 1] = start, sources[i], 1
+        out[rows] = np.asarray(chain(ids, mask))[:len(rows)]
+    return out
 
 
 def _start_rows(old: np.ndarray, sources: Sequence[Sequence[int]], how: str) -> np.ndarray:
-    """Input rows before distillation: the pieces' mean, the last piece's row, or a mean weighted towards the last
+    """Rows before fitting: the pieces' mean, the first or the last piece's row, or a mean weighted towards the last
     piece (weights 1, 2, ..., k)."""
     if how == "mean":
         return _mean_rows(old, sources)
@@ -349,8 +398,8 @@ def _start_rows(old: np.ndarray, sources: Sequence[Sequence[int]], how: str) -> 
     for i, ids in enumerate(sources):
         if not len(ids):
             out[i] = overall
-        elif how == "last":
-            out[i] = old[ids[-1]]
+        elif how in ("first", "last"):
+            out[i] = old[ids[0 if how == "first" else -1]]
         else:
             w = np.arange(1, len(ids) + 1, dtype=np.float32)
             out[i] = (w[:, None] * old[np.asarray(ids)]).sum(0) / w.sum()

@@ -80,6 +80,10 @@ class OptimConfig:
     warmup_steps: int = 0
     lr_scheduler_type: str = "cosine"
     gradient_accumulation_steps: int = 1
+    # peak learning rate of the fully trained `embed_tokens`/`lm_head` (None: `learning_rate`), as a second torch
+    # parameter group would have it: a vocabulary extension's thousands of new rows are seen a few times each in
+    # a short run and move too little at LoRA's rate (README: "Where training starts")
+    embedding_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.lr_scheduler_type not in LR_SCHEDULER_TYPES:
@@ -89,6 +93,10 @@ class OptimConfig:
             )
         if not self.learning_rate >= 0:
             raise ValueError(f"optim.learning_rate must be >= 0, got {self.learning_rate}")
+        if self.embedding_learning_rate is not None and not self.embedding_learning_rate >= 0:
+            raise ValueError(
+                f"optim.embedding_learning_rate must be >= 0 (or null: learning_rate), got {self.embedding_learning_rate}"
+            )
         if not self.weight_decay >= 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -198,6 +206,26 @@ def decay_mask(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(lambda path, _: decays(parameter_name(path)), params)
 
 
+EMBEDDING_PATTERN = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head)(?:$|\.)")
+
+
+def embedding_mask(params: PyTree) -> PyTree:
+    """True on the `embed_tokens` and `lm_head` leaves (the vocabulary rows), False elsewhere (LoRA, norms)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(EMBEDDING_PATTERN.search(parameter_name(path))), params
+    )
+
+
+def scale_where(factor: float, mask: PyTree) -> optax.GradientTransformation:
+    """Multiply the updates of the leaves where `mask` is True by `factor` (the others pass unchanged)."""
+
+    def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None):
+        del params
+        return jax.tree.map(lambda u, m: (u * factor).astype(u.dtype) if m else u, updates, mask), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def global_norm(tree: PyTree) -> jax.Array:
     """L2 norm over all leaves of a pytree, accumulated in float32 (the pre-clip gradient norm the trainer logs)."""
     leaves = jax.tree.leaves(tree)
@@ -268,6 +296,10 @@ def build_optimizer(
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(trainable)),
         optax.scale_by_learning_rate(schedule),
     ]
+    if cfg.embedding_learning_rate is not None and cfg.embedding_learning_rate != cfg.learning_rate:
+        # same schedule shape, another peak: the decoupled decay is scaled too, as in a torch parameter group
+        ratio = cfg.embedding_learning_rate / cfg.learning_rate if cfg.learning_rate else 0.0
+        parts.append(scale_where(ratio, embedding_mask(trainable)))
     return optax.chain(*parts)
 
 
