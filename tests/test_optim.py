@@ -342,3 +342,29 @@ def test_config_rejects_bad_values_up_front():
     with pytest.raises(ValueError, match="warmup_ratio"):
         OptimConfig(warmup_ratio=1.5)
     assert dataclasses.replace(OptimConfig(), max_grad_norm=0).max_grad_norm == 0
+
+
+@needs_torch
+def test_embedding_learning_rate_is_a_second_parameter_group_as_in_torch():
+    """`embedding_learning_rate` gives embed_tokens/lm_head their own peak rate: the same update as torch AdamW with two
+    parameter groups (lr and weight decay per group), while the LoRA leaves move exactly as without it."""
+    rng = np.random.default_rng(0)
+    params = {"embed_tokens": {"embedding": rng.normal(size=(6, 4)).astype(np.float32)},
+              "layers": {"q_proj": {"lora_a": rng.normal(size=(4, 2)).astype(np.float32)}}}
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(3)]
+    cfg = OptimConfig(learning_rate=1e-2, embedding_learning_rate=5e-2, weight_decay=0.1, warmup_ratio=0.0,
+                      lr_scheduler_type="constant_with_warmup", max_grad_norm=None)
+    tx = build_optimizer(cfg, params, 3)
+    state, p = tx.init(params), params
+    for g in grads:
+        upd, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, upd)
+    emb = torch.nn.Parameter(torch.tensor(params["embed_tokens"]["embedding"]))
+    lora = torch.nn.Parameter(torch.tensor(params["layers"]["q_proj"]["lora_a"]))
+    opt = torch.optim.AdamW([{"params": [lora], "lr": 1e-2}, {"params": [emb], "lr": 5e-2}], weight_decay=0.1)
+    for g in grads:
+        emb.grad = torch.tensor(g["embed_tokens"]["embedding"])
+        lora.grad = torch.tensor(g["layers"]["q_proj"]["lora_a"])
+        opt.step()
+    np.testing.assert_allclose(p["embed_tokens"]["embedding"], emb.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p["layers"]["q_proj"]["lora_a"], lora.detach().numpy(), rtol=1e-5, atol=1e-6)
