@@ -282,6 +282,9 @@ def _written_whole(out_file: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent)
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would make the published file private
     try:
         yield tmp
         tmp.replace(out_file)
