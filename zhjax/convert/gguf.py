@@ -126,7 +126,9 @@ def _sentencepiece_tokens(model_dir: Path, tokenizer_json: dict) -> GGUFTokenize
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
     for token_id, (content, special) in sorted(_added_tokens(model_dir, tokenizer_json).items()):
-        if token_id < len(tokens):
+        if token_id < len(tokens):  # a piece the HF tokenizer also lists as added (<unk>, <s>, </s>): typed as
+            types[token_id] = CONTROL if special else USER_DEFINED  # llama.cpp's converter types it
+            scores[token_id] = -1000.0
             continue
         if token_id != len(tokens):
             raise ConversionError(f"{model_dir}: added token {content!r} has id {token_id}, leaving a gap after {len(tokens) - 1}")
@@ -373,8 +375,7 @@ def _write(model_dir: Path, path: Path, dtype: str, name: str | None, *, plan: _
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
         _add_metadata(writer, plan.config, plan.tok, name or model_dir.name, file_type(dtype))
-        if dtype not in FLOAT_TYPES:
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # in every file, as llama.cpp's converter does
         if plan.rope_freqs is not None:
             writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", plan.rope_freqs.shape,
                                    plan.rope_freqs.dtype, plan.rope_freqs.nbytes)
