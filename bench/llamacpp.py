@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.work_dir) / f"{model_dir.name}-{dtype}.gguf"
         if not path.exists():
             write_gguf(model_dir, path, dtype=dtype)
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+        # logits_all: llama-cpp-python returns logits (Llama.scores) only with it; the prefill's extra rows cancel
+        # out in the decode rate (the 1-token run has the same prefill)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), logits_all=True,
+                              verbose=False)
 
         def run_llama(ids, steps, llm=llm):
             t = time.perf_counter()

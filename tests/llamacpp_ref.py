@@ -80,12 +80,13 @@ def convert_hf_to_gguf(model_dir: Path, out_file: Path, outtype: str = "f32", *,
     return out_file
 
 
-def load(path: Path, **kwargs):
-    """The GGUF file in llama.cpp (CPU, quiet, its context as long as the tests need)."""
+def load(path: Path, n_ctx: int = 512):
+    """The GGUF file in llama.cpp (CPU, quiet). `logits_all`: llama-cpp-python keeps logits (`Llama.scores`) only
+    with it; without, sampling happens inside llama.cpp and no logits come back."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=kwargs.pop("n_ctx", 512), n_threads=os.cpu_count(),
-                           verbose=False, **kwargs)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count(), logits_all=True,
+                           verbose=False)
 
 
 def greedy(llm, prompt_ids: list[int], steps: int) -> list[int]:

@@ -178,7 +178,7 @@ def exported(hf_dirs, tmp_path_factory):
 @pytest.mark.parametrize("name", MODELS)
 def test_llama_cpp_tokenizes_200_lines_like_the_hf_tokenizer(name, hf_dirs, exported, lines):
     hf = transformers.AutoTokenizer.from_pretrained(hf_dirs[name])
-    llm = load(exported(name, "f32"), vocab_only=True)
+    llm = load(exported(name, "f32"))
     wrong = []
     for line in lines:
         expected = hf(line).input_ids
@@ -259,7 +259,7 @@ def test_quantized_files_run_and_stay_near_f16(dtype, hf_dirs, exported):
     ids = transformers.AutoTokenizer.from_pretrained(hf_dirs["smollm2_zh/untied"])(PROMPTS[0] + PROMPTS[1]).input_ids
 
     def logits(path: Path) -> np.ndarray:
-        llm = load(path, logits_all=True)
+        llm = load(path)
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)])
 
