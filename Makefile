@@ -20,11 +20,14 @@ demo: assets
 	$(PY) tools/parity_report.py --model assets/smollm2-135m
 	$(VENV)/bin/zhjax recipe --config configs/recipes/smollm2-zh-demo.yaml
 
-# The tests also compile for TPU slices on this CPU host (zhjax plan), which needs libtpu: the `tpu` extra.
+# The tests also compile for TPU slices on this CPU host (zhjax plan), which needs libtpu: the `tpu` extra; and
+# they run the exported GGUF files in llama.cpp: the `llamacpp` extra, built from source for this CPU only.
 TPU_STAMP := $(VENV)/.tpu-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
 
 $(TPU_STAMP): $(STAMP)
-	$(VENV)/bin/pip install -q -e '.[torch,dev,tpu]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(VENV)/bin/pip install -q -e '.[torch,dev,tpu,llamacpp]'
 	rm -f $(VENV)/.tpu-*
 	touch $(TPU_STAMP)
 

@@ -72,10 +72,11 @@ def _distributions(module: str) -> set[str]:
 
 def test_every_imported_package_is_declared():
     allowed = {
-        "zhjax": MAIN | EXTRAS["torch"] | EXTRAS["gcs"] | EXTRAS["serve"],
+        "zhjax": MAIN | EXTRAS["torch"] | EXTRAS["gcs"] | EXTRAS["serve"] | EXTRAS["llamacpp"],
         "tools": MAIN,
-        "bench": MAIN | EXTRAS["torch"] | EXTRAS["serve"] | EXTRAS["dev"],  # bench/serve.py drives it with openai
-        "tests": MAIN | EXTRAS["torch"] | EXTRAS["dev"],
+        # bench/serve.py drives it with openai; bench/gguf_ppl.py and bench/llamacpp.py run llama.cpp
+        "bench": MAIN | EXTRAS["torch"] | EXTRAS["serve"] | EXTRAS["dev"] | EXTRAS["llamacpp"],
+        "tests": MAIN | EXTRAS["torch"] | EXTRAS["dev"] | EXTRAS["llamacpp"],
     }
     undeclared = []
     for folder, declared in allowed.items():
@@ -93,7 +94,7 @@ def test_every_declared_dependency_is_imported():
 
 def test_extras_are_imported_only_inside_the_functions_that_need_them():
     # `import zhjax.<anything>` must work without the torch extra: torch-free commands and tests need that.
-    only_extra = (EXTRAS["torch"] | EXTRAS["gcs"]) - MAIN
+    only_extra = (EXTRAS["torch"] | EXTRAS["gcs"] | EXTRAS["llamacpp"]) - MAIN
     at_module_level = [
         f"{where}: {module}"
         for module, places in _imports("zhjax").items()

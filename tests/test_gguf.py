@@ -174,3 +174,41 @@ def test_smollm2_f16_gguf_matches_the_source(assets, tmp_path):
     assert tokenizer(text).input_ids == ids
     reference = transformers.AutoModelForCausalLM.from_pretrained(source_dir).eval()
     assert_f16_logits(hf_logits(model, [ids]), reference, [ids])
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_export_holds_the_weights_within_the_types_error(tmp_path, dtype):
+    """Read back with the gguf package and dequantized: every matrix is the (q/k-permuted) source within the type's
+    rounding; the head stays q8_0 in a 4-bit file; norms stay f32. (llama.cpp runs them: test_gguf_llamacpp.py.)"""
+    from gguf.quants import dequantize
+
+    from zhjax.convert.gguf import rope_interleave_rows
+
+    hf, _ = tiny_byte_level_model(tmp_path / "hf", hidden_size=64, intermediate_size=96)
+    out = write_gguf(tmp_path / "hf", tmp_path / f"tiny-{dtype}.gguf", dtype=dtype)
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == {"q8_0": 7, "q4_0": 2}[dtype]
+    assert reader.fields["general.quantization_version"].contents() == gguf.GGML_QUANT_VERSION
+    state = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    sources = {"token_embd.weight": state["model.embed_tokens.weight"], "output.weight": state["lm_head.weight"],
+               "blk.0.attn_q.weight": rope_interleave_rows(state["model.layers.0.self_attn.q_proj.weight"], 4),
+               "blk.0.attn_k.weight": rope_interleave_rows(state["model.layers.0.self_attn.k_proj.weight"], 2),
+               "blk.0.ffn_down.weight": state["model.layers.0.mlp.down_proj.weight"],
+               "blk.0.attn_norm.weight": state["model.layers.0.input_layernorm.weight"]}
+    tensors = {t.name: t for t in reader.tensors}
+    for name, source in sources.items():
+        t = tensors[name]
+        expected = "F32" if source.ndim == 1 else "Q8_0" if name == "output.weight" else dtype.upper()
+        assert t.tensor_type.name == expected, name
+        got = dequantize(t.data, t.tensor_type).reshape(source.shape)
+        step = np.abs(source).max() / (127 if t.tensor_type.name == "Q8_0" else 7)  # one quantization step, at most
+        assert np.abs(got - source).max() <= step, name
+
+
+def test_unsupported_quantization_shape_is_refused_before_writing(tmp_path):
+    tiny_byte_level_model(tmp_path / "hf")  # hidden 48: not a whole number of 32-value blocks
+    with pytest.raises(ConversionError, match=r"rows of 48 values, not a multiple of Q8_0's block of 32"):
+        write_gguf(tmp_path / "hf", tmp_path / "m.gguf", dtype="q8_0")
+    with pytest.raises(ValueError, match="expected one of"):
+        write_gguf(tmp_path / "hf", tmp_path / "m.gguf", dtype="q3_0")
+    assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".m.gguf*")) == []

@@ -1,8 +1,8 @@
 """Write an HF LLaMA-family directory (a merged model) as one GGUF file, llama.cpp's format, with its tokenizer.
 
 Weights: every tensor keeps its HF `[out, in]` layout under the GGUF name the `gguf` package's own name map
-gives it (`model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`), in f32 or f16 (norms stay f32, as
-llama.cpp's converter writes them). The one change of layout is RoPE's: HF rotates the pairs (i, i + d/2) of each
+gives it (`model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`), in f32, f16 or a quantized type
+(`zhjax.convert.gguf_quant`; norms stay f32, as llama.cpp's converter writes them). The one change of layout is RoPE's: HF rotates the pairs (i, i + d/2) of each
 head (rotate-half), llama.cpp the adjacent pairs (2i, 2i + 1), so the rows of q (per attention head) and of k (per
 key/value head) are interleaved: GGUF row 2i of a head is HF row i, row 2i + 1 is HF row i + d/2. The file is
 streamed: tensor infos are declared from shapes first, then each tensor is read (memory-mapped), converted and
@@ -18,6 +18,9 @@ Tokenizer metadata, from the files beside the model:
   control tokens) and `tokenizer.ggml.pre`, the pre-tokenizer's regex family as llama.cpp names it.
 
 Both are padded with unused `[PAD{id}]` tokens up to the model's vocab size when the embedding has spare rows.
+Merges, special token ids, add-bos/eos flags and the chat template come from `gguf.SpecialVocab`, the reader
+llama.cpp's `convert_hf_to_gguf.py` uses. tests/test_gguf_llamacpp.py checks the files against llama.cpp itself
+and against that converter's output.
 """
 
 from __future__ import annotations
@@ -26,33 +29,48 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from zhjax.config import ModelConfig, RopeScaling
+from zhjax.convert.gguf_quant import (
+    FLOAT_TYPES,
+    GGUF_DTYPES,
+    LLAMA_CPP_TYPES,
+    check_block_shape,
+    file_type,
+    llama_cpp_quantize,
+    require_llama_cpp,
+    stored_shape,
+    tensor_type,
+    to_type,
+)
 from zhjax.convert.hf import CheckpointReader, ConversionError, read_config
 
-GGUF_DTYPES = ("f16", "f32")
+__all__ = ["GGUF_DTYPES", "GGUFTokenizer", "read_gguf_tokenizer", "rope_interleave_rows", "write_gguf"]
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF token types (= SentencePiece's)
 
 
 @dataclass
 class GGUFTokenizer:
-    """The tokenizer metadata a GGUF file carries (`tokenizer.ggml.*`)."""
+    """The tokenizer metadata a GGUF file carries (`tokenizer.ggml.*`).
+
+    The vocabulary (tokens, types, scores) is built here; merges, special token ids, add-bos/eos flags and the
+    chat template are read by `gguf.SpecialVocab` (llama.cpp's converter reads them with it too) into `special`.
+    """
 
     model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
     tokens: list[str]
     token_types: list[int]
     scores: list[float] | None = None
-    merges: list[str] | None = None
     pre: str | None = None
-    special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad
-    add_bos: bool = False
-    add_eos: bool = False
+    special_ids: dict[str, int] = field(default_factory=dict)  # defaults of bos/eos/unk/pad (SentencePiece's own)
     add_space_prefix: bool | None = None
-    chat_template: str | None = None
+    special: object | None = None  # gguf.SpecialVocab, filled by read_gguf_tokenizer
 
 
 def rope_interleave_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -108,7 +126,9 @@ def _sentencepiece_tokens(model_dir: Path, tokenizer_json: dict) -> GGUFTokenize
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
     for token_id, (content, special) in sorted(_added_tokens(model_dir, tokenizer_json).items()):
-        if token_id < len(tokens):
+        if token_id < len(tokens):  # a piece the HF tokenizer also lists as added (<unk>, <s>, </s>): typed as
+            types[token_id] = CONTROL if special else USER_DEFINED  # llama.cpp's converter types it
+            scores[token_id] = -1000.0
             continue
         if token_id != len(tokens):
             raise ConversionError(f"{model_dir}: added token {content!r} has id {token_id}, leaving a gap after {len(tokens) - 1}")
@@ -122,8 +142,8 @@ def _sentencepiece_tokens(model_dir: Path, tokenizer_json: dict) -> GGUFTokenize
         tokens=tokens,
         token_types=types,
         scores=scores,
+        pre="default",
         special_ids={k: v for k, v in ids.items() if v >= 0},
-        add_bos=True,
         add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix),
     )
 
@@ -144,16 +164,8 @@ def _byte_level_tokens(model_dir: Path, tokenizer_json: dict) -> GGUFTokenizer:
         else:
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    post = tokenizer_json.get("post_processor") or {}
-    single = post.get("single") or []
     return GGUFTokenizer(
-        model="gpt2",
-        tokens=tokens,
-        token_types=types,
-        merges=merges,
-        pre=_pre_tokenizer_name(tokenizer_json.get("pre_tokenizer")),
-        add_bos=bool(single) and "SpecialToken" in single[0],
+        model="gpt2", tokens=tokens, token_types=types, pre=_pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"))
     )
 
 
@@ -173,23 +185,23 @@ def read_gguf_tokenizer(model_dir: str | Path, config: ModelConfig | None = None
     else:
         raise ConversionError(f"{model_dir}: no tokenizer.json or tokenizer.model; a GGUF file must carry its tokenizer")
 
+    import gguf
+
+    # merges, special ids, add-bos/eos and the chat template as llama.cpp's converter reads them
+    special = gguf.SpecialVocab(model_dir, load_merges=tok.model == "gpt2",
+                                n_vocab=config.vocab_size if config is not None else len(tok.tokens))
     tok_config = _json(model_dir / "tokenizer_config.json")
     index = {t: i for i, t in enumerate(tok.tokens)}
-    for name in ("bos", "eos", "unk", "pad"):
+    for name in ("bos", "eos", "unk", "pad"):  # a special token that is a plain piece, not an added token
         content = _token_content(tok_config.get(f"{name}_token"))
-        if content is not None and content in index:
-            tok.special_ids[name] = index[content]
-    if config is not None:
-        for name in ("bos", "eos", "pad"):
-            value = getattr(config, f"{name}_token_id")
-            value = value[0] if isinstance(value, tuple) else value
-            if name not in tok.special_ids and isinstance(value, int):
-                tok.special_ids[name] = value
-    for flag in ("add_bos", "add_eos"):
-        if isinstance(tok_config.get(f"{flag}_token"), bool):
-            setattr(tok, flag, tok_config[f"{flag}_token"])
-    template = model_dir / "chat_template.jinja"
-    tok.chat_template = template.read_text(encoding="utf-8") if template.exists() else tok_config.get("chat_template")
+        if name not in special.special_token_ids and content is not None and content in index:
+            special.special_token_ids[name] = index[content]
+    for name, token_id in tok.special_ids.items():  # SentencePiece's own ids, when nothing else names them
+        special.special_token_ids.setdefault(name, token_id)
+    # written explicitly, so llama.cpp's per-vocabulary defaults do not decide
+    special.add_special_token.setdefault("bos", tok.model == "llama")
+    special.add_special_token.setdefault("eos", False)
+    tok.special = special
     return tok
 
 
@@ -260,86 +272,123 @@ def _add_metadata(writer, config: ModelConfig, tok: GGUFTokenizer, name: str, fi
     writer.add_token_types(tok.token_types)
     if tok.scores is not None:
         writer.add_token_scores(tok.scores)
-    if tok.merges is not None:
-        writer.add_token_merges(tok.merges)
-    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
-              "pad": writer.add_pad_token_id}
-    for key, token_id in tok.special_ids.items():
-        adders[key](token_id)
-    writer.add_add_bos_token(tok.add_bos)
-    writer.add_add_eos_token(tok.add_eos)
     if tok.add_space_prefix is not None:
         writer.add_add_space_prefix(tok.add_space_prefix)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
+    tok.special.add_to_gguf(writer, quiet=True)
+
+
+@contextmanager
+def _written_whole(out_file: Path) -> Iterator[Path]:
+    """A temporary path beside `out_file`, renamed to it when the block completes and removed when it fails."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent)
+    os.close(fd)
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would make the published file private
+    try:
+        yield tmp
+        tmp.replace(out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_gguf(model_dir: str | Path, out_file: str | Path, *, dtype: str = "f16", name: str | None = None) -> Path:
-    """Write the HF model at `model_dir` (config, weights, tokenizer) as a GGUF file; `dtype` is f16 or f32.
+    """Write the HF model at `model_dir` (config, weights, tokenizer) as a GGUF file of weight type `dtype`.
 
-    llama.cpp runs the result directly (`llama-cli -m out.gguf`) and can quantize it further (`llama-quantize`).
+    `dtype` is one of `GGUF_DTYPES`: f32/f16, a type the `gguf` package quantizes (q8_0, q4_0, ...) or one of
+    llama.cpp's k-quant mixes (q4_k_m, ...; needs the `llamacpp` extra), see `zhjax.convert.gguf_quant`. Every
+    check (architecture, tokenizer files, tensor names, block shapes) runs before the file is opened; the file
+    appears only when complete. llama.cpp runs the result directly (`llama-cli -m out.gguf`).
     """
-    import gguf
-
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {GGUF_DTYPES}")
+    if dtype in LLAMA_CPP_TYPES:
+        require_llama_cpp(dtype)
     model_dir, out_file = Path(model_dir), Path(out_file)
-    config, _ = read_config(model_dir)
-    _check_supported(config, model_dir)
-    reader = CheckpointReader(model_dir)
-    tok = read_gguf_tokenizer(model_dir, config)
-    _pad_vocab(tok, config.vocab_size, model_dir)
+    if dtype not in LLAMA_CPP_TYPES:
+        with _written_whole(out_file) as tmp:
+            _write(model_dir, tmp, dtype, name)
+        return out_file
+    plan = _Plan(model_dir, "f16")  # every check, before the f16 file that llama.cpp quantizes is written
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_file.name}.", dir=out_file.parent) as work:
+        f16 = Path(work) / "f16.gguf"
+        _write(model_dir, f16, "f16", name, plan=plan)
+        with _written_whole(out_file) as tmp:
+            llama_cpp_quantize(f16, tmp, dtype)
+    return out_file
 
-    names = [n for n in reader.where if not n.endswith("rotary_emb.inv_freq")]
-    if config.tie_word_embeddings:
-        names = [n for n in names if n != "lm_head.weight"]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    heads = {".self_attn.q_proj.": config.num_attention_heads, ".self_attn.k_proj.": config.num_key_value_heads}
-    half = np.float16 if dtype == "f16" else np.float32
 
-    def target(hf_name: str) -> tuple[str, np.dtype]:
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ConversionError(f"{model_dir}: tensor {hf_name!r} has no GGUF name in the llama architecture")
-        return gguf_name, np.dtype(half if len(reader.get(hf_name).shape) > 1 else np.float32)
+class _Plan:
+    """What a GGUF export of `model_dir` in `dtype` will write: config, tokenizer, tensors and their types (checked)."""
 
-    def convert(hf_name: str, out_dtype: np.dtype) -> np.ndarray:
-        arr = np.asarray(reader.get(hf_name))
+    def __init__(self, model_dir: Path, dtype: str):
+        import gguf
+
+        self.model_dir, self.dtype = model_dir, dtype
+        self.config, _ = read_config(model_dir)
+        config = self.config
+        _check_supported(config, model_dir)
+        self.reader = CheckpointReader(model_dir)
+        self.tok = read_gguf_tokenizer(model_dir, config)
+        _pad_vocab(self.tok, config.vocab_size, model_dir)
+        names = [n for n in self.reader.where if not n.endswith("rotary_emb.inv_freq")]
+        if config.tie_word_embeddings:
+            names = [n for n in names if n != "lm_head.weight"]
+        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+        head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
+        self.tensors = []  # (hf name, gguf name, shape, ggml type)
+        for hf_name in names:
+            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ConversionError(f"{model_dir}: tensor {hf_name!r} has no GGUF name in the llama architecture")
+            shape = tuple(self.reader.get(hf_name).shape)
+            qtype = tensor_type(dtype, gguf_name, shape, head=head)
+            if dtype not in FLOAT_TYPES and len(shape) > 1:
+                check_block_shape(qtype, gguf_name, hf_name, shape, model_dir)
+            self.tensors.append((hf_name, gguf_name, shape, qtype))
+        self.rope_freqs = _rope_freq_factors(config) if config.rope_scaling.rope_type == "llama3" else None
+
+    def array(self, hf_name: str, qtype) -> np.ndarray:
+        """Tensor `hf_name` in llama.cpp's layout (q/k rows interleaved per head) and type `qtype`."""
+        heads = {".self_attn.q_proj.": self.config.num_attention_heads,
+                 ".self_attn.k_proj.": self.config.num_key_value_heads}
+        arr = np.asarray(self.reader.get(hf_name), dtype=np.float32)
         for part, n_heads in heads.items():
             if part in hf_name:
                 arr = rope_interleave_rows(arr, n_heads)
-        arr = np.ascontiguousarray(arr.astype(out_dtype))
-        if out_dtype == np.float16 and not np.isfinite(arr).all():
-            raise ConversionError(f"{model_dir}: tensor {hf_name!r} overflows float16; export with dtype f32")
-        return arr
+        if not np.isfinite(arr).all():
+            raise ConversionError(f"{self.model_dir}: tensor {hf_name!r} holds NaN or infinite values")
+        out = to_type(arr, qtype)
+        if out.dtype == np.float16 and not np.isfinite(out).all():
+            raise ConversionError(f"{self.model_dir}: tensor {hf_name!r} overflows float16; export with dtype f32")
+        return out
 
-    plan = [(n, *target(n)) for n in names]
-    rope_freqs = _rope_freq_factors(config) if config.rope_scaling.rope_type == "llama3" else None
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+
+def _write(model_dir: Path, path: Path, dtype: str, name: str | None, *, plan: _Plan | None = None) -> None:
+    """Stream the GGUF file of `model_dir` into `path`: tensor infos from shapes, then each tensor converted."""
+    import gguf
+
+    plan = plan or _Plan(model_dir, dtype)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
-        _add_metadata(writer, config, tok, name or model_dir.name, int(file_type))
-        if rope_freqs is not None:
-            writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs.shape,
-                                   rope_freqs.dtype, rope_freqs.nbytes)
-        for hf_name, gguf_name, out_dtype in plan:
-            shape = reader.get(hf_name).shape
-            writer.add_tensor_info(gguf_name, shape, out_dtype, int(np.prod(shape)) * out_dtype.itemsize)
-        writer.write_header_to_file(tmp)
+        _add_metadata(writer, plan.config, plan.tok, name or model_dir.name, file_type(dtype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # in every file, as llama.cpp's converter does
+        if plan.rope_freqs is not None:
+            writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", plan.rope_freqs.shape,
+                                   plan.rope_freqs.dtype, plan.rope_freqs.nbytes)
+        for _, gguf_name, shape, qtype in plan.tensors:
+            stored, np_dtype, nbytes = stored_shape(qtype, shape)
+            writer.add_tensor_info(gguf_name, stored, np_dtype, nbytes,
+                                   raw_dtype=None if np_dtype != np.uint8 else qtype)
+        writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        if rope_freqs is not None:
-            writer.write_tensor_data(rope_freqs)
-        for hf_name, _, out_dtype in plan:
-            writer.write_tensor_data(convert(hf_name, out_dtype))
+        if plan.rope_freqs is not None:
+            writer.write_tensor_data(plan.rope_freqs)
+        for hf_name, _, _, qtype in plan.tensors:
+            writer.write_tensor_data(plan.array(hf_name, qtype))
+    finally:
         writer.close()
-        tmp.replace(out_file)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_file
