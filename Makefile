@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade -q pip
-	$(VENV)/bin/pip install -e '.[torch,dev]'
+	$(VENV)/bin/pip install -e '.[torch,dev,lm-eval]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -24,7 +24,7 @@ demo: assets
 TPU_STAMP := $(VENV)/.tpu-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
 $(TPU_STAMP): $(STAMP)
-	$(VENV)/bin/pip install -q -e '.[torch,dev,tpu]'
+	$(VENV)/bin/pip install -q -e '.[torch,dev,lm-eval,tpu]'
 	rm -f $(VENV)/.tpu-*
 	touch $(TPU_STAMP)
 

@@ -19,8 +19,14 @@ The files are C-Eval's published layout, so `zhjax eval --task ceval` and a harn
     OUT/dev/{subject}_dev.csv    OUT/val/{subject}_val.csv    OUT/test/{subject}_test.csv
     OUT/subject_mapping.json     {subject: {"name": Chinese name, "categories": [category]}}
     OUT/manifest.json            settings, counts, and each question's document and sentence
+    OUT/lm_eval/                 lm-evaluation-harness tasks over the same files (`write_harness_tasks`)
 
-with columns `id,question,A,B,C,D,answer`. The same corpus, seed and sizes give byte-identical files.
+with columns `id,question,A,B,C,D,answer`. The same corpus, seed and sizes give byte-identical CSV files.
+
+The harness tasks (`zhjax_cloze_{subject}` on the val split, and the group `zhjax_cloze`) reproduce the seed's
+prompt exactly: the header as the task's description, the dev file's first rows as the shots, `答案：` followed
+directly by the letter (`target_delimiter: ""`), examples separated by a blank line. Their data files are named by
+absolute path, so a moved directory needs its tasks written again (`write_harness_tasks`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 
 from zhjax.data.instructions import Sentence, read_documents, split_of
 
-__all__ = ["BLANK", "CHOICES", "SUBJECTS", "ClozeQuestion", "build_cloze", "write_ceval_csv"]
+__all__ = ["BLANK", "CHOICES", "SUBJECTS", "ClozeQuestion", "build_cloze", "write_ceval_csv", "write_harness_tasks"]
 
 BLANK = "____"
 CHOICES = ("A", "B", "C", "D")
@@ -160,6 +166,53 @@ def write_ceval_csv(path: Path, questions: Sequence[ClozeQuestion]) -> None:
             writer.writerow(q.row(i))
 
 
+def _yaml_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
+
+
+_TASK_YAML = """task: zhjax_cloze_{key}
+dataset_path: csv
+dataset_kwargs:
+  data_files:
+    validation: {val}
+    dev: {dev}
+validation_split: validation
+fewshot_split: dev
+fewshot_config:
+  sampler: first_n
+output_type: multiple_choice
+description: {description}
+doc_to_text: {doc_to_text}
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer)}}}}"
+target_delimiter: ""
+fewshot_delimiter: "\\n\\n"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+_DOC_TO_TEXT = "{{question}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\n答案："
+
+
+def write_harness_tasks(out_dir: str | Path, subjects: dict[str, str]) -> Path:
+    """Write lm-evaluation-harness task YAMLs over the C-Eval files in `out_dir` to `out_dir/lm_eval/`: one task
+    per subject (`subjects`: key -> Chinese name) and the group `zhjax_cloze` (accuracy over all questions)."""
+    out = Path(out_dir).resolve()
+    folder = out / "lm_eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, name in subjects.items():
+        (folder / f"zhjax_cloze_{key}.yaml").write_text(_TASK_YAML.format(
+            key=key, val=_yaml_str(str(out / "val" / f"{key}_val.csv")),
+            dev=_yaml_str(str(out / "dev" / f"{key}_dev.csv")),
+            description=_yaml_str(f"以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n"),
+            doc_to_text=_yaml_str(_DOC_TO_TEXT)), encoding="utf-8")
+    group = ["group: zhjax_cloze", "task:", *(f"  - zhjax_cloze_{key}" for key in subjects),
+             "aggregate_metric_list:", "  - metric: acc", "    aggregation: mean", "    weight_by_size: true", ""]
+    (folder / "zhjax_cloze.yaml").write_text("\n".join(group), encoding="utf-8")
+    return folder
+
+
 def build_cloze(tagged: str | Path, out_dir: str | Path, *, val: int = 50, test: int = 50, shots: int = 5,
                 seed: int = 0, subjects: Sequence[str] | None = None, min_chars: int = 10,
                 max_chars: int = 60) -> dict:
@@ -191,6 +244,7 @@ def build_cloze(tagged: str | Path, out_dir: str | Path, *, val: int = 50, test:
         sources[subject] = {split: [{"doc": q.doc, "sentence": q.sentence} for q in qs] for split, qs in files.items()}
     mapping = {s: {"name": SUBJECTS[s][1], "categories": [SUBJECTS[s][2]]} for s in subjects}
     (out / "subject_mapping.json").write_text(json.dumps(mapping, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    write_harness_tasks(out, {s: SUBJECTS[s][1] for s in subjects})
     manifest = {"source": str(tagged), "documents": rule, "seed": seed, "val": val, "test": test, "shots": shots,
                 "min_chars": min_chars, "max_chars": max_chars, "counts": counts, "questions": sources}
     (out / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
