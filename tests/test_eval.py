@@ -95,7 +95,7 @@ def _write(path: Path, header: str, rows: list[str]) -> Path:
 
 def test_five_shot_prompt_is_the_seeds_layout(tmp_path):
     header = "id,question,A,B,C,D,answer,explanation"
-    dev = [f"{i},第{i}题____是什么？,甲{i},乙{i},丙{i},丁{i},{'ABCDA'[i]},因为" for i in range(6)]
+    dev = [f"{i},第{i}题____是什么？,甲{i},乙{i},丙{i},丁{i},{'ABCDAB'[i]},因为" for i in range(6)]
     _write(tmp_path / "dev" / "computer_network_dev.csv", header, dev)
     _write(tmp_path / "val" / "computer_network_val.csv", "id,question,A,B,C,D,answer", ["0,问题？,一,二,三,四,C"])
     (subject,) = load_benchmark("ceval", tmp_path, "val", 5)
