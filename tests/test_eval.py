@@ -239,3 +239,19 @@ def test_rolling_loglikelihood_and_greedy_generation_equal_the_harness_hf_models
     prompts = ["中国的首都是", "问：一加一等于几？\n答："]
     requests = [Instance("generate_until", {}, (p, dict(until)), i) for i, p in enumerate(prompts)]
     assert ours.generate_until(requests, disable_tqdm=True) == hf.generate_until(requests, disable_tqdm=True)
+
+
+def test_recipe_cloze_accuracy_scores_each_model_on_the_test_split(assets, corpus, tmp_path):
+    from zhjax.recipe import format_results
+    from zhjax.recipe_cloze import build_cloze_set, cloze_accuracy
+
+    build_cloze_set(corpus, tmp_path / "cloze", questions=2, shots=0, seed=0)
+    manifest = json.loads((tmp_path / "cloze" / "manifest.json").read_text(encoding="utf-8"))
+    for subject in manifest["subjects"][1:]:  # one subject is enough to score
+        for split in ("dev", "val", "test"):
+            (tmp_path / "cloze" / split / f"{subject}_{split}.csv").unlink(missing_ok=True)
+    result = cloze_accuracy({"base model": assets.smollm2_dir}, tmp_path / "cloze", shots=0)
+    assert result["base model"]["questions"] == 2 and 0.0 <= result["base model"]["average"] <= 1.0
+    table = format_results({"tokens_per_char": {"base": 1.0, "extended": 1.0}, "bits_per_char": {}, "tasks": {},
+                            "cloze_accuracy": result, "heldout_characters": 0, "test_examples": 0, "samples": []})
+    assert f"| cloze accuracy (test split, 2 questions), base model | {result['base model']['average']:.3f} |" in table

@@ -219,7 +219,8 @@ def build_cloze(tagged: str | Path, out_dir: str | Path, *, val: int = 50, test:
     """Write the cloze set (see the module doc) to `out_dir`; returns the manifest (also in `manifest.json`).
 
     Per subject: `shots` dev questions, `val` val questions and `test` test questions (fewer where the split's
-    sentences run out; the manifest's counts say how many). Deterministic for a given corpus and `seed`.
+    sentences run out; the manifest's counts say how many; a subject left without val or test questions gets no
+    files, and the manifest's `subjects` lists those written). Deterministic for a given corpus and `seed`.
     """
     subjects = list(subjects or SUBJECTS)
     unknown = [s for s in subjects if s not in SUBJECTS]
@@ -238,15 +239,20 @@ def build_cloze(tagged: str | Path, out_dir: str | Path, *, val: int = 50, test:
         taken: set[str] = set()
         dev_val = _pick(rng, pools["validation"], shots + val, tag, vocab, taken)
         files = {"dev": dev_val[:shots], "val": dev_val[shots:], "test": _pick(rng, pools["test"], test, tag, vocab, set())}
+        counts[subject] = {split: len(q) for split, q in files.items()}
+        if (shots and not files["dev"]) or not files["val"] or not files["test"]:
+            continue  # a corpus too small for this subject: no files, so no empty subject file
         for split, questions in files.items():
             write_ceval_csv(out / split / f"{subject}_{split}.csv", questions)
-        counts[subject] = {split: len(q) for split, q in files.items()}
         sources[subject] = {split: [{"doc": q.doc, "sentence": q.sentence} for q in qs] for split, qs in files.items()}
-    mapping = {s: {"name": SUBJECTS[s][1], "categories": [SUBJECTS[s][2]]} for s in subjects}
+    written = [s for s in subjects if s in sources]
+    mapping = {s: {"name": SUBJECTS[s][1], "categories": [SUBJECTS[s][2]]} for s in written}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "subject_mapping.json").write_text(json.dumps(mapping, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    write_harness_tasks(out, {s: SUBJECTS[s][1] for s in subjects})
+    write_harness_tasks(out, {s: SUBJECTS[s][1] for s in written})
     manifest = {"source": str(tagged), "documents": rule, "seed": seed, "val": val, "test": test, "shots": shots,
-                "min_chars": min_chars, "max_chars": max_chars, "counts": counts, "questions": sources}
+                "min_chars": min_chars, "max_chars": max_chars, "counts": counts, "subjects": written,
+                "questions": sources}
     (out / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return manifest
 
