@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -255,3 +259,45 @@ def test_recipe_cloze_accuracy_scores_each_model_on_the_test_split(assets, corpu
     table = format_results({"tokens_per_char": {"base": 1.0, "extended": 1.0}, "bits_per_char": {}, "tasks": {},
                             "cloze_accuracy": result, "heldout_characters": 0, "test_examples": 0, "samples": []})
     assert f"| cloze accuracy (test split, 2 questions), base model | {result['base model']['average']:.3f} |" in table
+
+
+MESH_SCORE = textwrap.dedent(
+    """
+    import json
+    import jax
+    import numpy as np
+    from flax import nnx
+    from zhjax.config import ModelConfig
+    from zhjax.eval.scoring import Scorer
+    from zhjax.model.llama import LlamaForCausalLM
+    from zhjax.parallel.mesh import MeshConfig, make_mesh
+
+    config = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=64, initializer_range=0.2)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 96, n).tolist() for n in (5, 17, 9, 30, 3)]
+    positions = [list(range(len(r) - 2, len(r))) for r in rows]
+    targets = [rng.integers(0, 96, (2, 3)) for _ in rows]
+    one = Scorer(model, batch_size=2, mesh=make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1]))
+    four = Scorer(model, batch_size=2, mesh=make_mesh(MeshConfig(data=2, fsdp=2)))
+    a, b = one.score(rows, positions, targets), four.score(rows, positions, targets)
+    embed = four.state["embed_tokens"]["embedding"][...]
+    print("RESULT" + json.dumps({
+        "diff": max(float(np.abs(x.logprobs - y.logprobs).max()) for x, y in zip(a, b)),
+        "greedy_equal": all((x.greedy == y.greedy).all() for x, y in zip(a, b)),
+        "shapes": [list(x.logprobs.shape) for x in b], "batch": four.batch_size,
+        "embed_shard": list(embed.addressable_shards[0].data.shape), "embed": list(embed.shape)}))
+    """
+)
+
+
+def test_scores_on_a_four_device_mesh_equal_one_devices(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", MESH_SCORE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT"):])
+    assert res["diff"] < 1e-5 and res["greedy_equal"]
+    assert res["shapes"] == [[2, 3]] * 5 and res["batch"] == 4  # rounded up to whole rows per data x fsdp shard
+    assert res["embed_shard"] == [res["embed"][0], res["embed"][1] // 2]  # FSDP-sharded as the rules say
