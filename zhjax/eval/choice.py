@@ -118,7 +118,10 @@ def read_subject_file(path: Path, *, task: str, need_answers: bool | None = None
                 answer = row[columns[answer_col]].strip() if has_answers else None
                 if has_answers and answer not in CHOICES:
                     raise BenchmarkDataError(f"{where}: answer {answer!r} is not one of A, B, C, D")
-                ident = row[columns["id"]].strip() if "id" in columns else (row[0].strip() or str(n - 1))
+                if "id" in columns:
+                    ident = row[columns["id"]].strip()
+                else:  # CMMLU's unnamed index column; else the row's place in the file
+                    ident = row[0].strip() if task == "cmmlu" and row[0].strip() else str(n - 1)
                 options = tuple(row[columns[c.lower()]] for c in CHOICES)
                 questions.append(Question(ident, text, options, answer, where))  # type: ignore[arg-type]
     except UnicodeDecodeError as e:
