@@ -104,14 +104,13 @@ class ZhjaxLM(TemplateLM):
         """(sum of the continuation's log-probs, whether greedy decoding gives it) per `(strings, context ids,
         continuation ids)` request; requests sharing a row are scored in one pass."""
         groups: dict[tuple, list[int]] = defaultdict(list)
-        rows, conts = [], []
+        conts = []
         for i, (_, context, continuation) in enumerate(requests):
             if not continuation:
                 raise ValueError(f"request {i}: an empty continuation has no log-likelihood")
             row = (list(context) + list(continuation))[-(self.max_length + 1):][:-1]
             cont = list(continuation)  # the harness keeps continuations within max_length; so is the row
             groups[(tuple(row), len(cont))].append(i)
-            rows.append(row)
             conts.append(cont)
         keys = list(groups)
         positions, targets = [], []
