@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade -q pip
-	$(VENV)/bin/pip install -e '.[torch,dev]'
+	$(VENV)/bin/pip install -e '.[torch,dev,lm-eval]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -28,7 +28,7 @@ TPU_STAMP := $(VENV)/.tpu-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
 
 $(TPU_STAMP): $(STAMP)
-	$(VENV)/bin/pip install -q -e '.[torch,dev,tpu]'
+	$(VENV)/bin/pip install -q -e '.[torch,dev,lm-eval,tpu]'
 	rm -f $(VENV)/.tpu-*
 	touch $(TPU_STAMP)
 

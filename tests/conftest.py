@@ -45,6 +45,13 @@ SLOW = {
     },
     "test_data_pretrain.py": {"test_peoples_daily_with_smollm2_keeps_every_token"},  # 16 s
     "test_data_sft.py": {"test_packed_rows_give_the_same_per_example_loss_as_separate_rows"},  # 13 s
+    "test_eval.py": {  # SmolLM2 loaded and compiled (not timed on a quiet machine: estimates, re-time them)
+        "test_option_loglikelihoods_and_accuracy_equal_the_harness_hf_models",
+        "test_rolling_loglikelihood_and_greedy_generation_equal_the_harness_hf_models",
+        "test_cli_writes_results_and_a_submission_for_a_split_without_answers",
+        "test_recipe_cloze_accuracy_scores_each_model_on_the_test_split",
+        "test_scores_on_a_four_device_mesh_equal_one_devices",  # a 4-device subprocess
+    },
     "test_export.py": {
         "test_export_tool_writes_float16_shards",  # 88 s
         "test_plus_recipe_merge_loads_in_transformers_and_matches_peft_and_unmerged_zhjax",  # 14, 18 s

@@ -21,3 +21,5 @@ def optional(name: str):
 
 
 needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="compares with PyTorch: needs the torch extra")
+needs_lm_eval = pytest.mark.skipif(not is_installed("lm_eval"),
+                                   reason="compares with lm-evaluation-harness: needs the lm-eval extra")

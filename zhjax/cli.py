@@ -1,6 +1,6 @@
-"""The `zhjax` command: `zhjax pretrain | sft | recipe | plan | generate | chat | serve ...`.
+"""The `zhjax` command: `zhjax pretrain | sft | recipe | plan | generate | chat | serve | eval | lm-eval ...`.
 
-Argument parsing only; the work is in `zhjax.train.trainer`, `zhjax.recipe`, `zhjax.plan_cli` and `zhjax.infer`.
+Argument parsing only; the work is in `zhjax.train.trainer`, `zhjax.recipe`, `zhjax.plan_cli`, `zhjax.infer` and `zhjax.eval`.
 """
 
 from __future__ import annotations
@@ -97,6 +97,21 @@ def _chat(argv: list[str]) -> int:
     return chat_main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from zhjax.eval.run import eval_main
+
+    return eval_main(argv)
+
+
+def _lm_eval(argv: list[str]) -> int:
+    from zhjax._extras import require
+
+    require("lm_eval", extra="lm-eval", why="the lm-evaluation-harness command", prog="zhjax lm-eval")
+    from zhjax.eval.harness import harness_main
+
+    return harness_main(argv)
+
+
 def _serve(argv: list[str]) -> int:
     from zhjax._extras import require
 
@@ -114,6 +129,8 @@ COMMANDS = {
     "generate": _generate,
     "chat": _chat,
     "serve": _serve,
+    "eval": _eval,
+    "lm-eval": _lm_eval,
 }
 
 

@@ -13,7 +13,8 @@ Stages (the same library calls the tools make; outputs under `work_dir`):
 5. `sft`       Alpaca-template instruction tuning continuing the pre-training adapter (`zhjax sft`)
 6. `export`    merge base + PT adapter (+ SFT adapter) into plain HF dirs (`tools/export_hf.py`)
 7. `evaluate`  with `transformers`: tokens per character, held-out bits per character, task scores before and
-               after SFT, sample answers; printed as a table and written to `work_dir/results.json`
+               after SFT, sample answers; printed as a table and written to `work_dir/results.json`; with
+               `eval.cloze_questions`, also cloze accuracy of the base and adapted models (`zhjax.recipe_cloze`)
 
 `compare` adds the seed's central comparison as extra pre-training runs, each exported and scored by held-out
 bits per character beside the main run: `no_extension` (LoRA + embed/head on the base model with its own
@@ -52,6 +53,9 @@ class EvalConfig:
     evaluate_base_tasks: bool = True
     # the tasks scored on the pre-trained model too (before SFT it has not seen the instructions: the demo skips it)
     evaluate_pretrain_tasks: bool = True
+    # cloze accuracy (zhjax.recipe_cloze), base vs adapted: test questions per part of speech (0: off) and shots
+    cloze_questions: int = 0
+    cloze_shots: int = 5
 
 
 @dataclass
@@ -216,6 +220,15 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     results = evaluate(cfg, data, work, extra_models={k: v for k, v in extra.items() if k != "after pre-training"},
                        tuned_models=tuned)
     results["training_speed"] = {name: _training_speed(out, tokenizer, data) for name, (out, tokenizer) in runs.items()}
+    if cfg.eval.cloze_questions:
+        from zhjax.recipe_cloze import build_cloze_set, cloze_accuracy
+
+        e = cfg.eval
+        stages.run("cloze", {"tagged": cfg.corpus_tagged, "n": e.cloze_questions, "shots": e.cloze_shots, "seed": cfg.seed},
+                   lambda: build_cloze_set(cfg.corpus_tagged, work / "cloze", questions=e.cloze_questions,
+                                           shots=e.cloze_shots, seed=cfg.seed))
+        results["cloze_accuracy"] = cloze_accuracy({"base model": cfg.base_model, "after pre-training": pt_merged,
+                                                    "after SFT": final}, work / "cloze", shots=e.cloze_shots)
     if cfg.curve_lines:
         from zhjax.recipe_curves import draw_learning_curves, learning_curve
 
@@ -390,6 +403,8 @@ def format_results(r: dict) -> str:
     for name, v in r.get("training_speed", {}).items():
         out.append(f"| pre-training speed, {name} | {v['tokens_per_second']:.0f} tokens/s = "
                    f"{v['characters_per_second']:.0f} characters/s ({v['steps']} steps) |")
+    for name, v in r.get("cloze_accuracy", {}).items():
+        out.append(f"| cloze accuracy (test split, {v['questions']} questions), {name} | {v['average']:.3f} |")
     out.append(f"\nheld-out text: {r['heldout_characters']} characters; test examples: {r['test_examples']}")
     for s in r["samples"]:
         out += ["", f"Q: {s['instruction']}\n   {s['input']}", f"gold:   {s['gold']}", f"answer: {s['answer']}"]
