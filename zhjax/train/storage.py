@@ -12,8 +12,9 @@ A run writes two kinds of files, and a remote ``output_dir`` gives them two rout
   an object store has no append. So they are written to a staging directory,
   ``$XDG_CACHE_HOME/zhjax/staging/<hash of the URL>`` (``~/.cache`` by default), and `OutputDir.sync`
   uploads whatever changed since the last upload, whole files at a time; the trainer calls it at each save
-  and at the end. On resume the remote ``metrics.jsonl`` is downloaded into the staging directory first, so
-  the appended file keeps the run's history.
+  and at the end. On resume the remote ``metrics.jsonl`` and TensorBoard event files are downloaded into the
+  staging directory first, so the appended file keeps the run's history and both can be rewound to the
+  restored step (the rewritten files are uploaded over the remote ones).
 
 A local ``output_dir`` is used as it is: no staging directory and no copies.
 """
@@ -32,8 +33,8 @@ from fsspec.registry import known_implementations
 # fsspec backends zhjax installs through one of its extras
 _EXTRAS = {"gcsfs": "zhjax[gcs]"}
 
-# process 0's files that a resumed run appends to, so they are downloaded before it starts
-_APPENDED = ("metrics.jsonl",)
+# process 0's files (and folders) that a resumed run appends to or rewinds, so they are downloaded before it starts
+_APPENDED = ("metrics.jsonl", "tensorboard")
 
 
 class OutputDirError(ValueError):
@@ -99,9 +100,12 @@ class OutputDir:
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True)
         for name in _APPENDED:
-            if self.fs.exists(f"{self._root}/{name}"):
-                self.fs.get_file(f"{self._root}/{name}", str(self.local / name))
-                self._uploaded[name] = _signature(self.local / name)
+            remote = f"{self._root}/{name}"
+            for path in sorted(self.fs.find(remote)) if self.fs.isdir(remote) else [remote] * self.fs.isfile(remote):
+                rel = name + path[len(remote):]
+                (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(path, str(self.local / rel))
+                self._uploaded[rel] = _signature(self.local / rel)
 
     def sync(self) -> None:
         """Upload the staged files that are new or changed since the last upload (remote only; process 0)."""

@@ -20,7 +20,7 @@ from zhjax.ownership import foreign_files
 
 RUN_RECORD = "zhjax_run.json"
 RUN_ENTRIES = ("checkpoints", "adapter", "base", "metrics.jsonl", "metrics.rewound.jsonl", "tensorboard",
-               "job_config.json", RUN_RECORD)
+               "tensorboard.rewound", "job_config.json", RUN_RECORD)
 # Fields a resumed run may change: how long it runs, how it logs and saves, and how the same math is laid out on
 # the devices. Everything else (model, data, optimizer, seed, LoRA, dtype) shapes the weights being continued.
 RESUMABLE_CHANGES = ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
@@ -223,11 +223,16 @@ def write_run_record(out: Path, cfg, kind: str, num_devices: int) -> None:
 
 
 def rewind_metrics(run_dir: Path, step: int) -> int:
-    """Move `metrics.jsonl` records past `step` (logged after the checkpoint a resume starts from) aside.
+    """Move `metrics.jsonl` records and TensorBoard events past `step` (logged after the checkpoint a resume starts
+    from) aside.
 
-    They go to `metrics.rewound.jsonl` (kept, not deleted), so `metrics.jsonl` holds each step once. Returns how
-    many records were moved.
+    The records go to `metrics.rewound.jsonl`, the events to `tensorboard.rewound/` (kept, not deleted,
+    `zhjax.train.metrics.rewind_tensorboard`), so `metrics.jsonl` and the event files hold each step once.
+    Returns how many records were moved.
     """
+    from zhjax.train.metrics import rewind_tensorboard
+
+    rewind_tensorboard(run_dir, step)
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return 0
