@@ -154,9 +154,14 @@ def test_cli_says_one_line_exit_2_and_takes_the_flag_after_the_overrides(tmp_pat
 
 
 @pytest.fixture
-def memory_url(tmp_path):
-    """A fresh `memory://` URL, its filesystem and its path there; emptied afterwards."""
+def memory_url(tmp_path, monkeypatch):
+    """A fresh `memory://` URL, its filesystem and its path there, accepted as an output dir (standing in for gs://,
+    which is where orbax can write checkpoints); emptied afterwards."""
     import fsspec
+
+    from zhjax.train import storage
+
+    monkeypatch.setattr(storage, "CHECKPOINT_PROTOCOLS", (*storage.CHECKPOINT_PROTOCOLS, "memory"))
 
     url = f"memory://zhjax-checks-{tmp_path.name}/run"
     fs, root = fsspec.core.url_to_fs(url)
@@ -221,3 +226,13 @@ def test_overwrite_of_a_remote_run_deletes_only_what_a_run_writes(tmp_path, memo
     fs.pipe(f"{root}/notes.txt", b"mine")
     clear_run_outputs(OutputDir(url))
     assert [p.rsplit("/", 1)[-1] for p in fs.find(root)] == ["notes.txt"]
+
+
+def test_a_remote_store_orbax_cannot_write_checkpoints_to_is_refused_before_any_work(tmp_path, capsys):
+    from zhjax.cli import main
+
+    url = f"memory://zhjax-{tmp_path.name}/run"
+    assert main(["pretrain", "--config", str(REPO / "configs/pretrain/tiny.yaml"), f"output_dir={url}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"zhjax pretrain: output_dir {url}: orbax cannot write checkpoints to memory:// (it writes a local path, "
+        "gs://, s3://); choose one of those")

@@ -33,6 +33,10 @@ from fsspec.registry import known_implementations
 # fsspec backends zhjax installs through one of its extras
 _EXTRAS = {"gcsfs": "zhjax[gcs]"}
 
+# where orbax can write checkpoints besides a local path: object stores with a tensorstore driver and an etils.epath
+# backend (gcs, s3). Any other fsspec URL (memory://, az://, sftp://, ...) is refused before a run starts.
+CHECKPOINT_PROTOCOLS = ("gs", "s3")
+
 # process 0's files (and folders) that a resumed run appends to or rewinds, so they are downloaded before it starts
 _APPENDED = ("metrics.jsonl", "tensorboard")
 
@@ -59,6 +63,7 @@ class OutputDir:
             self.local = Path(path)
             self.url = str(self.local)
             return
+        self.protocol = protocol
         self.url = given.rstrip("/")
         self.fs, self._root = _filesystem(self.url, protocol)
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -130,9 +135,16 @@ class OutputDir:
         shutil.rmtree(self.local, ignore_errors=True)
 
 
-def check_output_dir(output_dir: str | Path) -> None:
-    """Raise `OutputDirError` now if ``output_dir`` is a URL this installation cannot write."""
-    OutputDir(output_dir)
+def check_output_dir(output_dir: str | Path) -> OutputDir:
+    """Raise `OutputDirError` now if ``output_dir`` is a URL this installation cannot write (an unknown protocol, a
+    missing filesystem package, or a store orbax cannot write checkpoints to); else return its `OutputDir`."""
+    out = OutputDir(output_dir)
+    if out.is_remote and out.protocol not in CHECKPOINT_PROTOCOLS:
+        raise OutputDirError(
+            f"output_dir {out.url}: orbax cannot write checkpoints to {out.protocol}:// (it writes a local path, "
+            f"{', '.join(p + '://' for p in CHECKPOINT_PROTOCOLS)}); choose one of those"
+        )
+    return out
 
 
 def _filesystem(url: str, protocol: str) -> tuple[fsspec.AbstractFileSystem, str]:

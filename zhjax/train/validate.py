@@ -158,9 +158,9 @@ class _RunDirView:
     def __init__(self, output_dir):
         import fsspec
 
-        from zhjax.train.storage import OutputDir
+        from zhjax.train.storage import check_output_dir
 
-        out = OutputDir(output_dir)  # a URL this installation cannot read raises OutputDirError
+        out = check_output_dir(output_dir)  # a URL this installation cannot use raises OutputDirError
         self.name = str(output_dir)
         self.fs, self.root = (out.fs, out._root) if out.is_remote else (fsspec.filesystem("file"), str(out.local.absolute()))
 
