@@ -138,3 +138,39 @@ def test_a_torn_last_event_record_is_dropped_by_the_rewind(tmp_path):
     events.write_bytes(events.read_bytes()[:-7])  # killed mid-write
     assert rewind_tensorboard(tmp_path, 2) == 1  # step 3 moved; step 4's torn record dropped
     assert tensorboard_scalars(tmp_path / "tensorboard") == {"loss": [1, 2]}
+
+
+def test_a_remote_run_rewinds_its_uploaded_tensorboard_events_too(tmp_path, monkeypatch):
+    """A remote output_dir (fsspec's memory filesystem here): the event files are downloaded with metrics.jsonl,
+    rewound in the staging directory, and the rewritten files uploaded over the remote ones."""
+    import fsspec
+
+    from zhjax.train.metrics import MetricsLogger
+    from zhjax.train.storage import OutputDir
+    from zhjax.train.validate import rewind_metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    url = f"memory://zhjax-{tmp_path.name}/run"
+    fs, root = fsspec.core.url_to_fs(url)
+    first = OutputDir(url)  # the run before the kill: steps 1..10 logged and uploaded
+    first.prepare(is_main=True)
+    logger = MetricsLogger(first.local)
+    for step in range(1, 11):
+        logger.log({"step": step, "loss": 1.0})
+    logger.close()
+    first.close()
+    assert fs.glob(f"{root}/tensorboard/events.out.tfevents.*")
+
+    again = OutputDir(url)  # the resumed run, from the step-8 checkpoint
+    again.prepare(is_main=True)
+    assert rewind_metrics(again.local, 8) == 2
+    logger = MetricsLogger(again.local)
+    for step in range(9, 13):
+        logger.log({"step": step, "loss": 2.0})
+    logger.close()
+    again.close()
+
+    fs.get(f"{root}/", str(tmp_path / "copy"), recursive=True)
+    assert tensorboard_scalars(tmp_path / "copy" / "tensorboard") == {"loss": list(range(1, 13))}
+    assert [r["step"] for r in records(tmp_path / "copy")] == list(range(1, 13))
+    fs.rm(root, recursive=True)
