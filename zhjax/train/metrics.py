@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,7 +71,9 @@ class MetricsLogger:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            # a unique name: the default (seconds and host) would let a run resumed within the same second
+            # open, and truncate, the file of the run it continues
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), filename_suffix=f".{time.time_ns()}")
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self.tb = None
 
