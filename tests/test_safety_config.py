@@ -145,3 +145,94 @@ def test_cli_says_one_line_exit_2_and_takes_the_flag_after_the_overrides(tmp_pat
     assert proc.stderr.strip().splitlines() == [
         "zhjax pretrain: invalid pretrain config: per_device_train_batch_size=0: expected a positive integer"]
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------- remote output dirs
+# A remote output_dir (gs://, s3://, any fsspec URL) is checked through the same code as a local one, reading it with
+# its fsspec filesystem. fsspec's in-memory filesystem stands in for the bucket here (tests/test_remote_output.py
+# runs whole training runs against a GCS emulator).
+
+
+@pytest.fixture
+def memory_url(tmp_path, monkeypatch):
+    """A fresh `memory://` URL, its filesystem and its path there, accepted as an output dir (standing in for gs://,
+    which is where orbax can write checkpoints); emptied afterwards."""
+    import fsspec
+
+    from zhjax.train import storage
+
+    monkeypatch.setattr(storage, "CHECKPOINT_PROTOCOLS", (*storage.CHECKPOINT_PROTOCOLS, "memory"))
+
+    url = f"memory://zhjax-checks-{tmp_path.name}/run"
+    fs, root = fsspec.core.url_to_fs(url)
+    yield url, fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def remote_fake_run(tmp_path: Path, url: str, fs, root: str, *overrides: str) -> None:
+    """`fake_run` written locally and uploaded to `url`, as a run with `output_dir=url` leaves it."""
+    local = tmp_path / "fake"
+    fake_run(local, job("pretrain", url, *overrides))
+    (local / "checkpoints" / "20" / "meta").write_text("{}")  # an object store holds no empty folders
+    fs.put(str(local), root, recursive=True)
+    assert fs.isfile(f"{root}/job_config.json") and fs.isdir(f"{root}/checkpoints/20")
+
+
+@pytest.mark.parametrize("change", ["optim.learning_rate=1e-3", "seed=7"])
+def test_remote_resume_with_a_changed_setting_is_refused_like_a_local_one(tmp_path, memory_url, change):
+    from zhjax.train.trainer import train
+    from zhjax.train.validate import JobConfigError, check_job
+
+    url, fs, root = memory_url
+    remote_fake_run(tmp_path, url, fs, root)
+    before = sorted(fs.find(root))
+    with pytest.raises(JobConfigError, match=f"resuming {url} with a config that differs .*{change.split('=')[0]}"):
+        train(job("pretrain", url, change), "pretrain")
+    assert sorted(fs.find(root)) == before  # nothing written, nothing deleted
+    check_job(job("pretrain", url, "max_steps=80", "logging_steps=5"), "pretrain", 1)  # what may change, may
+
+
+def test_a_remote_directory_of_someone_elses_files_is_refused_and_overwrite_keeps_them(tmp_path, memory_url):
+    from zhjax.train.storage import OutputDir
+    from zhjax.train.validate import JobConfigError, check_job, clear_run_outputs
+
+    url, fs, root = memory_url
+    fs.pipe(f"{root}/photos/cat.jpg", b"\xff\xd8")
+    with pytest.raises(JobConfigError, match=rf"output_dir {url}: holds files zhjax did not write \(photos\)"):
+        check_job(job("pretrain", url), "pretrain", 1)
+    check_job(job("pretrain", url, "overwrite_output_dir=true"), "pretrain", 1)  # writes beside them
+    clear_run_outputs(OutputDir(url))
+    assert fs.cat(f"{root}/photos/cat.jpg") == b"\xff\xd8"
+
+
+def test_a_strangers_file_in_a_remote_runs_adapter_is_refused(tmp_path, memory_url):
+    from zhjax.train.validate import JobConfigError, check_job
+
+    url, fs, root = memory_url
+    remote_fake_run(tmp_path, url, fs, root)
+    fs.pipe(f"{root}/adapter/notes.txt", b"mine")
+    with pytest.raises(JobConfigError, match=rf"output_dir {url}/adapter: holds files zhjax did not write \(notes.txt\)"):
+        check_job(job("pretrain", url), "pretrain", 1)
+    assert fs.cat(f"{root}/adapter/notes.txt") == b"mine"
+
+
+def test_overwrite_of_a_remote_run_deletes_only_what_a_run_writes(tmp_path, memory_url):
+    from zhjax.train.storage import OutputDir
+    from zhjax.train.validate import clear_run_outputs
+
+    url, fs, root = memory_url
+    remote_fake_run(tmp_path, url, fs, root)
+    fs.pipe(f"{root}/notes.txt", b"mine")
+    clear_run_outputs(OutputDir(url))
+    assert [p.rsplit("/", 1)[-1] for p in fs.find(root)] == ["notes.txt"]
+
+
+def test_a_remote_store_orbax_cannot_write_checkpoints_to_is_refused_before_any_work(tmp_path, capsys):
+    from zhjax.cli import main
+
+    url = f"memory://zhjax-{tmp_path.name}/run"
+    assert main(["pretrain", "--config", str(REPO / "configs/pretrain/tiny.yaml"), f"output_dir={url}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"zhjax pretrain: output_dir {url}: orbax cannot write checkpoints to memory:// (it writes a local path, "
+        "gs://, s3://); choose one of those")

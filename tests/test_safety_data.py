@@ -133,3 +133,25 @@ def test_an_empty_examples_file_beside_a_good_one_is_named_in_a_warning(tmp_path
     build_sft_dataset([good, empty], tokenizer, "alpaca", 128)
     said = capsys.readouterr()
     assert f"{empty}: holds no records (skipped)" in said.out + said.err
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_a_data_error_in_a_map_worker_reaches_the_user_as_one_line_with_exit_code_2(tmp_path, kind):
+    """With `preprocessing_num_workers=2` the bad record is met inside a `datasets.map` worker process."""
+    if kind == "pretrain":
+        good, bad = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+        good.write_text("".join(json.dumps({"text": "今天天气很好。" * 8}) + "\n" for _ in range(50)))
+        bad.write_text(json.dumps({"text": "你好"}) + "\n" + json.dumps({"text": "世界"}) + "\n{not json\n")
+        expected = f"zhjax pretrain: {bad}:3: malformed JSON: Expecting property name enclosed in double quotes (column 2)"
+    else:
+        bad = examples_file(tmp_path / "sft.json", [GOOD] * 7 + [{**GOOD, "output": None}])
+        expected = f"zhjax sft: {bad}:{line_of_record(bad, 7)}: field 'output' must be a string (a NoneType)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    files = f"[{tmp_path / 'a.jsonl'},{bad}]" if kind == "pretrain" else f"[{bad}]"
+    proc = subprocess.run([sys.executable, "-m", "zhjax.cli", kind, "--config", f"configs/{kind}/tiny.yaml",
+                           f"output_dir={tmp_path / 'run'}", f"data.train_files={files}", "max_steps=2",
+                           "data.preprocessing_num_workers=2", f"data.data_cache_dir={tmp_path / 'cache'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "RemoteTraceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == expected

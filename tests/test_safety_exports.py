@@ -97,3 +97,43 @@ def test_adapter_dir_has_the_permissions_of_the_hf_export(base_and_adapter):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask, directory
         for f in directory.iterdir():
             assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def test_tokenizer_tools_refuse_a_strangers_directory_and_the_base_itself(tmp_path):
+    """`tools/merge_tokenizers.py --out`: the BPE extension used to write into the base dir in place, and both kinds
+    wrote into any existing directory."""
+    import shutil
+
+    from zhjax.ownership import OutputRefused
+    from zhjax.tokenizer.bpe import extend_bpe_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(REPO / "configs" / "tiny" / "tokenizer", base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    corpus = [REPO / "configs" / "tiny" / "corpus.txt"]
+    with pytest.raises(OutputRefused, match="the output is the input"):
+        extend_bpe_tokenizer(base, corpus, 5, base)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "tokenizer.json").write_text("mine")
+    with pytest.raises(OutputRefused, match=r"holds files zhjax did not write \(tokenizer.json\)"):
+        extend_bpe_tokenizer(base, corpus, 5, theirs)
+    assert (theirs / "tokenizer.json").read_text() == "mine"
+
+    out = extend_bpe_tokenizer(base, corpus, 5, tmp_path / "zh").out_dir
+    assert extend_bpe_tokenizer(base, corpus, 5, out).out_dir == out  # its own earlier output is replaced
+    assert extend_bpe_tokenizer(base, corpus, 5, theirs, overwrite=True).out_dir == theirs
+
+
+def test_merge_tokenizers_refuses_the_folder_of_its_base_model(tmp_path):
+    from zhjax.ownership import OutputRefused
+    from zhjax.tokenizer.merge import merge_tokenizers
+
+    model = tmp_path / "llama" / "tokenizer.model"
+    model.parent.mkdir()
+    model.write_bytes(b"not read: the output is checked first")
+    with pytest.raises(OutputRefused, match="contains the input"):
+        merge_tokenizers(model, model, model.parent)
+    assert model.read_bytes() == b"not read: the output is checked first"

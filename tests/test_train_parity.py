@@ -123,7 +123,7 @@ def test_full_finetuning_trains_every_parameter_and_lora_training_none_of_the_ba
 
 def test_bf16_compute_with_chunked_loss_tracks_pytorch_fp32(tmp_path):
     """The demo's fast setting: bf16 products (fp32 accumulation, fp32 master weights and Adam state) and the fused
-    chunked LM head + loss. Its 30 losses stay within 1% of PyTorch's fp32 run."""
+    chunked LM head + loss. Its 30 losses stay within 0.3% of PyTorch's fp32 run (measured: 0.026% at most)."""
     base = random_hf_model(tmp_path, num_key_value_heads=2)
     for p in base.parameters():
         p.data *= 0.5
@@ -147,5 +147,5 @@ def test_bf16_compute_with_chunked_loss_tracks_pytorch_fp32(tmp_path):
         trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, b, jax.random.key(0), i)
         losses.append(float(metrics["loss"]))
     print("max relative loss difference bf16 vs torch fp32:", np.max(np.abs(np.array(losses) / torch_losses - 1)))
-    np.testing.assert_allclose(losses, torch_losses, rtol=1e-2)
+    np.testing.assert_allclose(losses, torch_losses, rtol=3e-3)
     assert losses[-1] < 0.8 * losses[0]

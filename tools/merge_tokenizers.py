@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--base", required=True, help="sp: base SentencePiece .model; bpe: HF dir with tokenizer.json"
     )
-    parser.add_argument("--out", required=True, help="output tokenizer dir")
+    parser.add_argument("--out", required=True, help="output tokenizer dir (a new one, or one zhjax wrote)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even when it holds files zhjax did not write")
     parser.add_argument("--chinese", help="sp: Chinese SentencePiece .model to merge in")
     parser.add_argument(
         "--score-mode", choices=("rank", "seed"), default="rank", help="sp: scores of new pieces"
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             from zhjax.tokenizer.merge import merge_tokenizers
 
             result = merge_tokenizers(
-                args.base, args.chinese, args.out, score_mode=args.score_mode, pad_token=args.pad_token
+                args.base, args.chinese, args.out, score_mode=args.score_mode, pad_token=args.pad_token,
+                overwrite=args.overwrite,
             )
             print(
                 f"wrote {args.out}: {result.vocab_size} pieces = {result.base_size} base + {result.added} Chinese"
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 min_frequency=args.min_frequency,
                 show_progress=sys.stderr.isatty(),
+                overwrite=args.overwrite,
             )
             print(
                 f"wrote {args.out}: {ext.vocab_size} tokens = {ext.base_vocab_size} base + {ext.added_tokens} new "

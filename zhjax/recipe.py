@@ -163,7 +163,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     def build_tokenizer():
         from zhjax.tokenizer.bpe import extend_bpe_tokenizer
 
-        print(extend_bpe_tokenizer(cfg.base_model, [data / "text" / "train.txt"], cfg.new_tokens, tok))
+        print(extend_bpe_tokenizer(cfg.base_model, [data / "text" / "train.txt"], cfg.new_tokens, tok, overwrite=True))
 
     stages.run("tokenizer", {"base": cfg.base_model, "n": cfg.new_tokens, "data": stages.done.get("data")}, build_tokenizer)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from zhjax.ownership import check_output_dir, staged_dir
 from zhjax.tokenizer.train import iter_corpus_lines
 
 __all__ = ["BpeExtensionResult", "byte_level_decoder_table", "extend_bpe_tokenizer", "learn_chinese_merges"]
@@ -235,17 +236,20 @@ def extend_bpe_tokenizer(
     *,
     min_frequency: int = 2,
     show_progress: bool = False,
+    overwrite: bool = False,
 ) -> BpeExtensionResult:
     """Learn up to `new_tokens` Chinese tokens on `corpus` and write the extended tokenizer to `out_dir`.
 
     `base_dir` is an HF dir with a byte-level BPE `tokenizer.json`; `corpus` are text files or directories.
     Existing ids, merges (and their ranks), added/special tokens and the pre/post-processing are unchanged;
-    new tokens take the ids after the largest existing id.
+    new tokens take the ids after the largest existing id. `out_dir` is refused (before any work) when it is,
+    contains or lies in `base_dir`, or holds files zhjax did not write unless `overwrite` (`zhjax.ownership`).
     """
     if new_tokens <= 0:
         raise ValueError(f"new_tokens={new_tokens}: expected a positive number of tokens to add")
     base_dir, out = Path(base_dir), Path(out_dir)
     spec = _load_base(base_dir)
+    check_output_dir(out, inputs=[base_dir], overwrite=overwrite)  # before the (long) learning
     base_size = Tokenizer.from_str(json.dumps(spec)).get_vocab_size(with_added_tokens=True)
     merges, learned = learn_chinese_merges(
         spec, corpus, new_tokens, min_frequency=min_frequency, show_progress=show_progress
@@ -262,15 +266,15 @@ def extend_bpe_tokenizer(
     string_merges = bool(spec["model"]["merges"]) and isinstance(spec["model"]["merges"][0], str)
     spec["model"]["merges"].extend(f"{a} {b}" if string_merges else [a, b] for a, b in merges)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (base_dir / name).is_file() and base_dir.resolve() != out.resolve():
-            shutil.copyfile(base_dir / name, out / name)
-    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
-    if (base_dir / "vocab.json").is_file():
-        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    if (base_dir / "merges.txt").is_file():
-        lines = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    with staged_dir(out, inputs=[base_dir], overwrite=overwrite) as tmp:
+        for name in TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copyfile(base_dir / name, tmp / name)
+        (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+        if (base_dir / "vocab.json").is_file():
+            (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        if (base_dir / "merges.txt").is_file():
+            lines = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+            (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
     size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     return BpeExtensionResult(out, base_size, size, added, len(merges), learned)

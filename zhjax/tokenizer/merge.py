@@ -40,6 +40,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 
+from zhjax.ownership import check_output_dir, staged_dir
+
 __all__ = [
     "MergeResult",
     "TokenizationReport",
@@ -235,17 +237,18 @@ def sentencepiece_to_tokenizers(proto: sp_pb2.ModelProto) -> Tokenizer:
 
 
 def save_merged_tokenizer(
-    proto: sp_pb2.ModelProto, out_dir: str | Path, *, pad_token: str | None = None
+    proto: sp_pb2.ModelProto, out_dir: str | Path, *, pad_token: str | None = None, inputs=(), overwrite: bool = False
 ) -> Path:
     """Write `OUT_DIR/tokenizer.model` and the HF files that `AutoTokenizer.from_pretrained(OUT_DIR)` loads.
 
     The proto is checked to load in SentencePiece first. `pad_token` names a piece of the proto to declare
-    as the HF pad token (e.g. the "[PAD]" of `merge_sentencepiece(..., pad_token=...)`).
+    as the HF pad token (e.g. the "[PAD]" of `merge_sentencepiece(..., pad_token=...)`). `out_dir` is refused
+    when it is, contains or lies in one of `inputs`, or holds files zhjax did not write unless `overwrite`
+    (`zhjax.ownership`); it appears only when complete.
     """
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = proto.SerializeToString()
     spm.SentencePieceProcessor(model_proto=data)  # raises if SentencePiece cannot use the merged proto
     spec = proto.trainer_spec
@@ -264,8 +267,9 @@ def save_merged_tokenizer(
         pad_token=pad_token or piece(spec.pad_id),
         clean_up_tokenization_spaces=False,
     )
-    hf.save_pretrained(str(out))
-    (out / "tokenizer.model").write_bytes(data)
+    with staged_dir(out, inputs=inputs, overwrite=overwrite) as tmp:
+        hf.save_pretrained(str(tmp))
+        (tmp / "tokenizer.model").write_bytes(data)
     return out
 
 
@@ -298,12 +302,18 @@ def merge_tokenizers(
     *,
     score_mode: str = "rank",
     pad_token: str | None = None,
+    overwrite: bool = False,
 ) -> MergeResult:
-    """Merge `chinese_model` into `base_model` (both `.model` files) and save the result to `out_dir`."""
+    """Merge `chinese_model` into `base_model` (both `.model` files) and save the result to `out_dir`.
+
+    `out_dir` is checked first (`save_merged_tokenizer`): never an input's folder, never someone else's files.
+    """
+    inputs = [base_model, chinese_model]  # a folder holding either is refused as the output
+    check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)
     result = merge_sentencepiece(
         load_sp_proto(base_model), load_sp_proto(chinese_model), score_mode=score_mode, pad_token=pad_token
     )
-    save_merged_tokenizer(result.proto, out_dir, pad_token=pad_token)
+    save_merged_tokenizer(result.proto, out_dir, pad_token=pad_token, inputs=inputs, overwrite=overwrite)
     return result
 
 

@@ -245,9 +245,14 @@ class RunCheckpointer:
         self.manager.close()
         if jax.process_index() == 0:
             stamp = time.strftime("%Y%m%dT%H%M%S")
-            (self.directory / "damaged").mkdir(parents=True, exist_ok=True)
-            for step in steps:
-                (self.directory / str(step)).rename(self.directory / "damaged" / f"{step}-{stamp}")
+            damaged = self.directory / "damaged"
+            damaged.mkdir(parents=True, exist_ok=True)
+            note = damaged / "README.txt"  # an object store's folder exists only with an object in it
+            if not note.exists():
+                note.write_text("zhjax moved these checkpoints here: they failed to restore or to match their "
+                                "checksums. Nothing reads them; delete them when you no longer need them.\n")
+            for step in steps:  # through the path's own filesystem, so orbax's listing (the same one) sees it
+                (self.directory / str(step)).rename(damaged / f"{step}-{stamp}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

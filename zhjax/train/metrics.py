@@ -1,5 +1,9 @@
 """Run metrics: a tqdm bar, stdout lines, `metrics.jsonl` and TensorBoard, plus FLOPs accounting for MFU.
 
+A resumed run logs again the steps after its checkpoint: `rewind_tensorboard` first moves those events out of the
+TensorBoard event files (as `zhjax.train.validate.rewind_metrics` does for `metrics.jsonl`), so every reader of
+the event files, TensorBoard or a raw one, sees each step once.
+
 Only process 0 writes (`enabled=False` elsewhere). FLOPs per token count the matmuls of a LoRA step honestly:
 a frozen weight costs a forward and an input-gradient matmul (4 FLOPs per parameter per token), a trained one
 also its weight gradient (6), and attention adds 12 * layers * hidden * seq (forward + backward of QK^T and AV).
@@ -8,7 +12,10 @@ also its weight gradient (6), and attention adds 12 * layers * hidden * seq (for
 from __future__ import annotations
 
 import json
+import struct
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -64,7 +71,9 @@ class MetricsLogger:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            # a unique name: the default (seconds and host) would let a run resumed within the same second
+            # open, and truncate, the file of the run it continues
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), filename_suffix=f".{time.time_ns()}")
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self.tb = None
 
@@ -107,3 +116,55 @@ class MetricsLogger:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def read_event_records(path: str | Path) -> Iterator[bytes]:
+    """The serialized `Event` records of a TensorBoard event file (TFRecord framing, CRCs checked).
+
+    A torn last record (a run killed mid-write) ends the file; a damaged one elsewhere raises `ValueError`.
+    """
+    from tensorboardX.record_writer import masked_crc32c
+
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return
+            (length,), (header_crc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
+            if masked_crc32c(header[:8]) != header_crc:
+                raise ValueError(f"{path}: damaged record header at byte {f.tell() - 12}")
+            data, footer = f.read(length), f.read(4)
+            if len(data) < length or len(footer) < 4:
+                return
+            if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+                raise ValueError(f"{path}: damaged record at byte {f.tell() - length - 4}")
+            yield data
+
+
+def rewind_tensorboard(run_dir: str | Path, step: int) -> int:
+    """Move the TensorBoard events logged past `step` out of `run_dir/tensorboard`; returns how many were moved.
+
+    Each event file keeps its events up to `step` (rewritten in place, atomically); the later ones go to a file of
+    the same name under `run_dir/tensorboard.rewound/` (kept, not deleted). A torn last record is dropped.
+    """
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import RecordWriter
+
+    run_dir = Path(run_dir)
+    moved = 0
+    for path in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
+        keep, past = [], []
+        for data in read_event_records(path):
+            (past if Event.FromString(data).step > step else keep).append(data)
+        if not past:
+            continue
+        aside = run_dir / "tensorboard.rewound" / path.relative_to(run_dir / "tensorboard")
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        for target, records in ((aside.with_name(f"{aside.name}.{step}"), past), (path.with_name(f".{path.name}.tmp"), keep)):
+            writer = RecordWriter(str(target))
+            for data in records:
+                writer.write(data)
+            writer.close()
+        path.with_name(f".{path.name}.tmp").replace(path)
+        moved += len(past)
+    return moved

@@ -12,8 +12,9 @@ A run writes two kinds of files, and a remote ``output_dir`` gives them two rout
   an object store has no append. So they are written to a staging directory,
   ``$XDG_CACHE_HOME/zhjax/staging/<hash of the URL>`` (``~/.cache`` by default), and `OutputDir.sync`
   uploads whatever changed since the last upload, whole files at a time; the trainer calls it at each save
-  and at the end. On resume the remote ``metrics.jsonl`` is downloaded into the staging directory first, so
-  the appended file keeps the run's history.
+  and at the end. On resume the remote ``metrics.jsonl`` and TensorBoard event files are downloaded into the
+  staging directory first, so the appended file keeps the run's history and both can be rewound to the
+  restored step (the rewritten files are uploaded over the remote ones).
 
 A local ``output_dir`` is used as it is: no staging directory and no copies.
 """
@@ -32,8 +33,12 @@ from fsspec.registry import known_implementations
 # fsspec backends zhjax installs through one of its extras
 _EXTRAS = {"gcsfs": "zhjax[gcs]"}
 
-# process 0's files that a resumed run appends to, so they are downloaded before it starts
-_APPENDED = ("metrics.jsonl",)
+# where orbax can write checkpoints besides a local path: object stores with a tensorstore driver and an etils.epath
+# backend (gcs, s3). Any other fsspec URL (memory://, az://, sftp://, ...) is refused before a run starts.
+CHECKPOINT_PROTOCOLS = ("gs", "s3")
+
+# process 0's files (and folders) that a resumed run appends to or rewinds, so they are downloaded before it starts
+_APPENDED = ("metrics.jsonl", "tensorboard")
 
 
 class OutputDirError(ValueError):
@@ -58,6 +63,7 @@ class OutputDir:
             self.local = Path(path)
             self.url = str(self.local)
             return
+        self.protocol = protocol
         self.url = given.rstrip("/")
         self.fs, self._root = _filesystem(self.url, protocol)
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -99,9 +105,12 @@ class OutputDir:
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True)
         for name in _APPENDED:
-            if self.fs.exists(f"{self._root}/{name}"):
-                self.fs.get_file(f"{self._root}/{name}", str(self.local / name))
-                self._uploaded[name] = _signature(self.local / name)
+            remote = f"{self._root}/{name}"
+            for path in sorted(self.fs.find(remote)) if self.fs.isdir(remote) else [remote] * self.fs.isfile(remote):
+                rel = name + path[len(remote):]
+                (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(path, str(self.local / rel))
+                self._uploaded[rel] = _signature(self.local / rel)
 
     def sync(self) -> None:
         """Upload the staged files that are new or changed since the last upload (remote only; process 0)."""
@@ -126,9 +135,16 @@ class OutputDir:
         shutil.rmtree(self.local, ignore_errors=True)
 
 
-def check_output_dir(output_dir: str | Path) -> None:
-    """Raise `OutputDirError` now if ``output_dir`` is a URL this installation cannot write."""
-    OutputDir(output_dir)
+def check_output_dir(output_dir: str | Path) -> OutputDir:
+    """Raise `OutputDirError` now if ``output_dir`` is a URL this installation cannot write (an unknown protocol, a
+    missing filesystem package, or a store orbax cannot write checkpoints to); else return its `OutputDir`."""
+    out = OutputDir(output_dir)
+    if out.is_remote and out.protocol not in CHECKPOINT_PROTOCOLS:
+        raise OutputDirError(
+            f"output_dir {out.url}: orbax cannot write checkpoints to {out.protocol}:// (it writes a local path, "
+            f"{', '.join(p + '://' for p in CHECKPOINT_PROTOCOLS)}); choose one of those"
+        )
+    return out
 
 
 def _filesystem(url: str, protocol: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -16,11 +16,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from zhjax.ownership import foreign_files
-
 RUN_RECORD = "zhjax_run.json"
 RUN_ENTRIES = ("checkpoints", "adapter", "base", "metrics.jsonl", "metrics.rewound.jsonl", "tensorboard",
-               "job_config.json", RUN_RECORD)
+               "tensorboard.rewound", "job_config.json", RUN_RECORD)
 # Fields a resumed run may change: how long it runs, how it logs and saves, and how the same math is laid out on
 # the devices. Everything else (model, data, optimizer, seed, LoRA, dtype) shapes the weights being continued.
 RESUMABLE_CHANGES = ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
@@ -153,55 +151,110 @@ def _check_mesh(cfg, num_devices: int) -> list[str]:
     return []
 
 
+class _RunDirView:
+    """Read-only view of an output directory for the checks: local, or a remote URL read through its fsspec
+    filesystem (the one `zhjax.train.storage.OutputDir` writes with), so both take the same path through them."""
+
+    def __init__(self, output_dir):
+        import fsspec
+
+        from zhjax.train.storage import check_output_dir
+
+        out = check_output_dir(output_dir)  # a URL this installation cannot use raises OutputDirError
+        self.name = str(output_dir)
+        self.fs, self.root = (out.fs, out._root) if out.is_remote else (fsspec.filesystem("file"), str(out.local.absolute()))
+
+    def path(self, name: str = "") -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def isdir(self, name: str = "") -> bool:
+        return self.fs.isdir(self.path(name))
+
+    def isfile(self, name: str) -> bool:
+        return self.fs.isfile(self.path(name))
+
+    def names(self, name: str = "") -> list[str]:
+        """The entries directly in the directory (or in `name` inside it), sorted."""
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(name), detail=False))
+
+    def files(self, name: str) -> list[str]:
+        """Every file under `name`, relative to it."""
+        base = self.fs._strip_protocol(self.path(name)).rstrip("/")
+        return sorted(p[len(base) + 1:] for p in self.fs.find(base))
+
+    def read_json(self, name: str):
+        return json.loads(self.fs.cat_file(self.path(name)))
+
+
 def _check_output(cfg, kind: str, num_devices: int) -> list[str]:
-    if "://" in str(cfg.output_dir):
-        return []  # remote: checked by the storage layer (ownership of object-store prefixes is not checked)
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        return [f"output_dir {out}: exists and is not a directory"]
-    if not out.is_dir() or not any(out.iterdir()):
+    from zhjax.train.storage import OutputDirError
+
+    try:
+        out = _RunDirView(cfg.output_dir)
+    except OutputDirError as e:
+        return [str(e)]
+    if out.fs.exists(out.root) and not out.isdir():
+        return [f"output_dir {out.name}: exists and is not a directory"]
+    if not out.isdir() or not out.names():
         return []
     if not is_run_dir(out):
         if cfg.overwrite_output_dir:
             return []  # told to: the run writes beside what is there and deletes none of it
-        names = sorted(p.name for p in out.iterdir())[:5]
-        return [f"output_dir {out}: holds files zhjax did not write ({', '.join(names)}); choose a new directory, "
-                "or set overwrite_output_dir=true to write beside them (nothing of theirs is deleted)"]
+        return [f"output_dir {out.name}: holds files zhjax did not write ({', '.join(out.names()[:5])}); choose a new "
+                "directory, or set overwrite_output_dir=true to write beside them (nothing of theirs is deleted)"]
     problems = []
     for sub in ("adapter", "base"):
-        if (out / sub).is_dir():
-            strangers = [f for f in foreign_files(out / sub) if f not in _RUN_SUBDIR_FILES]
+        if out.isdir(sub):
+            strangers = [f for f in _foreign_files(out, sub) if f not in _RUN_SUBDIR_FILES]
             if strangers:
-                problems.append(f"output_dir {out / sub}: holds files zhjax did not write ({', '.join(strangers[:5])})"
-                                "; move them away first")
+                problems.append(f"output_dir {out.name.rstrip('/')}/{sub}: "
+                                f"holds files zhjax did not write ({', '.join(strangers[:5])}); move them away first")
     if not cfg.overwrite_output_dir and has_checkpoints(out):
         problems += resume_differences(out, cfg, kind, num_devices)
     return problems
 
 
-def is_run_dir(out: Path) -> bool:
-    """Whether `out` was written by a zhjax training run."""
-    return any((out / name).exists() for name in (RUN_RECORD, "job_config.json", "checkpoints"))
+def _foreign_files(out: _RunDirView, sub: str) -> list[str]:
+    """`zhjax.ownership.foreign_files` of `sub`, read through the view's filesystem."""
+    from zhjax.ownership import MANIFEST
+
+    files = out.files(sub)
+    try:
+        owned = set(out.read_json(f"{sub}/{MANIFEST}")["files"]) if MANIFEST in files else set()
+    except (ValueError, KeyError, TypeError):
+        owned = set()
+    return [f for f in files if f not in owned and f != MANIFEST]
 
 
-def has_checkpoints(out: Path) -> bool:
-    ckpts = out / "checkpoints"
-    return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+def _view(out) -> _RunDirView:
+    return out if isinstance(out, _RunDirView) else _RunDirView(out)
 
 
-def resume_differences(out: Path, cfg, kind: str, num_devices: int) -> list[str]:
-    """The fields that differ between the saved run and `cfg` and may not change on a resume (one message)."""
-    saved_file = out / "job_config.json"
-    if not saved_file.exists():
+def is_run_dir(out) -> bool:
+    """Whether `out` (a local path, a URL or a `_RunDirView`) was written by a zhjax training run."""
+    names = _view(out).names()
+    return any(name in names for name in (RUN_RECORD, "job_config.json", "checkpoints"))
+
+
+def has_checkpoints(out) -> bool:
+    """Whether `out` (a local path, a URL or a `_RunDirView`) holds at least one step's checkpoint."""
+    out = _view(out)
+    return out.isdir("checkpoints") and any(name.isdigit() for name in out.names("checkpoints"))
+
+
+def resume_differences(out, cfg, kind: str, num_devices: int) -> list[str]:
+    """The fields that differ between the saved run in `out` (path, URL or view) and `cfg` and may not change on a
+    resume (one message)."""
+    out = _view(out)
+    if not out.isfile("job_config.json"):
         return []
-    saved = _flatten(json.loads(saved_file.read_text()))
+    saved = _flatten(out.read_json("job_config.json"))
     now = _flatten(json.loads(json.dumps(jsonable(cfg))))
     changed = [k for k in sorted(set(saved) | set(now))
                if k not in RESUMABLE_CHANGES and saved.get(k, "<unset>") != now.get(k, "<unset>")]
     diffs = [f"{k}: saved {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in changed]
-    record = out / RUN_RECORD
-    if record.exists():
-        run = json.loads(record.read_text())
+    if out.isfile(RUN_RECORD):
+        run = out.read_json(RUN_RECORD)
         if run.get("kind") not in (None, kind):
             diffs.insert(0, f"kind: saved {run['kind']!r}, now {kind!r}")
         global_batch = cfg.per_device_train_batch_size * num_devices
@@ -210,7 +263,7 @@ def resume_differences(out: Path, cfg, kind: str, num_devices: int) -> list[str]
                          f"now {global_batch}")
     if not diffs:
         return []
-    return [f"resuming {out} with a config that differs from the saved one in fields a resume may not change "
+    return [f"resuming {out.name} with a config that differs from the saved one in fields a resume may not change "
             f"({' | '.join(diffs)}); restore them, or set overwrite_output_dir=true to start over"]
 
 
@@ -223,11 +276,16 @@ def write_run_record(out: Path, cfg, kind: str, num_devices: int) -> None:
 
 
 def rewind_metrics(run_dir: Path, step: int) -> int:
-    """Move `metrics.jsonl` records past `step` (logged after the checkpoint a resume starts from) aside.
+    """Move `metrics.jsonl` records and TensorBoard events past `step` (logged after the checkpoint a resume starts
+    from) aside.
 
-    They go to `metrics.rewound.jsonl` (kept, not deleted), so `metrics.jsonl` holds each step once. Returns how
-    many records were moved.
+    The records go to `metrics.rewound.jsonl`, the events to `tensorboard.rewound/` (kept, not deleted,
+    `zhjax.train.metrics.rewind_tensorboard`), so `metrics.jsonl` and the event files hold each step once.
+    Returns how many records were moved.
     """
+    from zhjax.train.metrics import rewind_tensorboard
+
+    rewind_tensorboard(run_dir, step)
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return 0
