@@ -28,6 +28,7 @@ from flax import nnx
 
 from zhjax.config import ModelConfig, RopeScaling
 from zhjax.ownership import staged_dir
+from zhjax.train.state import TrainState, step_array
 
 LAYOUT_VERSION = 1
 
@@ -143,7 +144,7 @@ def tree_checksums(tree) -> dict[str, list[int]]:
 
 
 class RunCheckpointer:
-    """Training checkpoints of one run: trainable params, optimizer state and a JSON `meta` item.
+    """Training checkpoints of one run (a `TrainState`): trainable params, optimizer state and a JSON `meta` item.
 
     `meta` holds the step, the data loader's position, the RNG seed and the job config. Saves are asynchronous
     (orbax `CheckpointManager`) and keep the newest `max_to_keep`; orbax writes each step to a temporary
@@ -171,32 +172,37 @@ class RunCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, trainable, opt_state, meta: dict) -> None:
-        """Start saving (returns before the write finishes; `wait` blocks until it has).
+    def save(self, step: int, state: TrainState, meta: dict) -> None:
+        """Start saving `state` as checkpoint `step` (returns before the write finishes; `wait` blocks until it has).
 
-        The arrays' checksums are computed now, on the device, and saved in `meta["checksums"]`.
+        On disk: the trainable weights, the optimizer state and `meta` (which holds the step). The arrays'
+        checksums are computed now, on the device, and saved in `meta["checksums"]`.
         """
-        meta = {**meta, "checksums": {"trainable": tree_checksums(nnx.to_pure_dict(trainable)),
-                                      "opt_state": tree_checksums(opt_state)}}
+        trainable = nnx.to_pure_dict(state.trainable)
+        meta = {**meta, "step": step, "checksums": {"trainable": tree_checksums(trainable),
+                                                    "opt_state": tree_checksums(state.opt_state)}}
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                trainable=ocp.args.StandardSave(nnx.to_pure_dict(trainable)),
-                opt_state=ocp.args.StandardSave(opt_state),
+                trainable=ocp.args.StandardSave(trainable),
+                opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta),
             ),
         )
 
-    def restore(self, step: int, trainable_target, opt_state_target):
-        """Restore `(trainable, opt_state, meta)` of `step` onto the targets' shapes and shardings."""
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
+        """Restore `(state, meta)` of checkpoint `step` onto `target`'s shapes and shardings.
+
+        The step comes from `meta`, the key from `target` (the run's seed, recorded in `meta["seed"]`).
+        """
         abstract = lambda tree: jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
         )
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                trainable=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(trainable_target))),
-                opt_state=ocp.args.StandardRestore(abstract(opt_state_target)),
+                trainable=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(target.trainable))),
+                opt_state=ocp.args.StandardRestore(abstract(target.opt_state)),
                 meta=ocp.args.JsonRestore(),
             ),
         )
@@ -209,12 +215,14 @@ class RunCheckpointer:
                 if bad:
                     raise CheckpointDamaged(f"{name} checksum mismatch in {', '.join(bad[:3])}"
                                             + (f" and {len(bad) - 3} more arrays" if len(bad) > 3 else ""))
-        trainable = jax.tree.map(lambda x: x, trainable_target)
+        trainable = jax.tree.map(lambda x: x, target.trainable)
         nnx.replace_by_pure_dict(trainable, restored["trainable"])
-        return trainable, restored["opt_state"], meta
+        state = TrainState(step=step_array(meta["step"], target.step.sharding), trainable=trainable,
+                           opt_state=restored["opt_state"], rng=target.rng)
+        return state, meta
 
-    def restore_latest_good(self, trainable_target, opt_state_target, *, report: Callable[[str], None] = print):
-        """`(step, trainable, opt_state, meta)` of the newest checkpoint that restores and verifies, or None if none.
+    def restore_latest_good(self, target: TrainState, *, report: Callable[[str], None] = print):
+        """`(step, state, meta)` of the newest checkpoint that restores and verifies, or None if none.
 
         Each damaged newer checkpoint is reported by name and moved to `checkpoints/damaged/STEP-TIME` (kept, not
         deleted), so the run saves that step afresh. When checkpoints exist but none is good, nothing is moved and
@@ -223,7 +231,7 @@ class RunCheckpointer:
         failures = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                trainable, opt_state, meta = self.restore(step, trainable_target, opt_state_target)
+                state, meta = self.restore(step, target)
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means "damaged"
                 reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 report(f"zhjax: warning: checkpoint {self.directory / str(step)} is damaged ({reason})")
@@ -231,7 +239,7 @@ class RunCheckpointer:
                 continue
             if failures:
                 self._move_aside([s for s, _ in failures])
-            return step, trainable, opt_state, meta
+            return step, state, meta
         if failures:
             listed = "; ".join(f"{s}: {r}" for s, r in failures)
             raise CheckpointError(
