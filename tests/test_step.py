@@ -20,7 +20,7 @@ LOWER_BOTH = textwrap.dedent(
     import jax
     from flax import nnx
     import zhjax.train.trainer as trainer
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
     from zhjax.train.plan import lower_job
 
     kind, out = sys.argv[1], sys.argv[2]

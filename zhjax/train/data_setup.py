@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 import jax
 
-from zhjax.config import JobConfig, ModelConfig
+from zhjax.config import ModelConfig
 from zhjax.data.loader import DataLoader
 from zhjax.parallel.rules import microbatch_sharding
+from zhjax.train.config import JobConfig
 
 
 class TrainData:

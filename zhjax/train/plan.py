@@ -31,10 +31,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zhjax.config import JobConfig, ModelConfig
+from zhjax.config import ModelConfig
 from zhjax.model.llama import LlamaForCausalLM
 from zhjax.model.params import count_params, split_model, trainable_filter
 from zhjax.parallel.mesh import make_mesh
+from zhjax.train.config import JobConfig
 from zhjax.train.metrics import flops_per_token
 from zhjax.train.optim import build_optimizer
 from zhjax.train.state import abstract_train_state
@@ -144,7 +145,7 @@ def job_model_config(cfg: JobConfig) -> tuple[ModelConfig, str]:
         numerics["remat_names"] = cfg.remat_names
     source = Path(cfg.init_from) if cfg.init_from else None
     if source is not None and (source / "zhjax.json").exists():
-        from zhjax.train.checkpoint import config_from_dict
+        from zhjax.convert.base import config_from_dict
 
         config = config_from_dict(json.loads((source / "zhjax.json").read_text())["config"])
         return config.replace(**numerics), str(source / "zhjax.json")

@@ -30,12 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zhjax.config import JobConfig, ModelConfig
+from zhjax.config import ModelConfig
 from zhjax.model.llama import LlamaForCausalLM
 from zhjax.model.params import count_params, split_model, trainable_filter
 from zhjax.parallel.mesh import make_mesh
 from zhjax.parallel.rules import state_shardings
 from zhjax.train.checkpoint import RunCheckpointer
+from zhjax.train.config import JobConfig
 from zhjax.train.data_setup import TrainData, build_data
 from zhjax.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from zhjax.train.optim import build_optimizer, learning_rate_schedule
@@ -54,8 +55,8 @@ class NonFiniteLossError(RuntimeError):
 
 def build_model(cfg: JobConfig, mesh: jax.sharding.Mesh) -> LlamaForCausalLM:
     """The model of the job, each parameter created or loaded straight into its shard."""
+    from zhjax.convert.base import load_base_checkpoint
     from zhjax.convert.hf import load_params, read_config
-    from zhjax.train.checkpoint import load_base_checkpoint
 
     lora = None if cfg.full_finetuning else cfg.lora
     numerics = dict(dtype=cfg.dtype, param_dtype=cfg.dtype, remat=cfg.remat, remat_names=cfg.remat_names,
