@@ -1,17 +1,17 @@
 """The training loop of `zhjax pretrain` and `zhjax sft`: init or restore, step, log, evaluate, save.
 
-Reads top to bottom:
+Reads top to bottom: `train` is `set_up`, `restore`, `loop`; `save` writes a checkpoint and the adapter.
 
-1. `build_model` loads the base (HF dir, zhjax base checkpoint, or random init from `model`) with every
-   parameter created directly in its shard, adds LoRA, optionally loads earlier adapters (`adapters_from`).
-2. `split_model` separates trainable (float32) from frozen state with the filter the config asks for.
-3. The optimizer is built and initialised on the trainable state only; the step is jitted once with explicit
-   in/out shardings and donated state.
-4. If `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the newest one that restores and matches
-   its checksums is restored, data position and all, so the run continues at the next sample.
-5. Loop: step (metrics stay on the device), read them and check the loss is finite at logging, evaluation and
-   save steps only, log every `logging_steps`, evaluate every `eval_steps`, save every
-   `save_steps` (orbax, async) together with a PEFT adapter export.
+1. `set_up`: `build_model` loads the base (HF dir, zhjax base checkpoint, or random init from `model`) with every
+   parameter created directly in its shard, adds LoRA, optionally loads earlier adapters (`adapters_from`);
+   `split_model` separates trainable (float32) from frozen state; the optimizer is built for the trainable state
+   only; `zhjax.train.step.build_train_step` jits the step (the one `zhjax plan` compiles) with explicit in/out
+   shardings and a donated `TrainState` (step, trainable, optimizer state, key).
+2. `restore`: if `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the newest one that restores
+   and matches its checksums is restored, data position and all, so the run continues at the next sample.
+3. `loop`: step (metrics stay on the device), read them and check the loss is finite at logging, evaluation and
+   save steps only, log every `logging_steps`, evaluate every `eval_steps`, `save` every `save_steps` (orbax,
+   async) together with a PEFT adapter export.
 
 `output_dir` may be a URL (`gs://bucket/run`): checkpoints go there directly, process 0's files are staged
 locally and uploaded at each save (`zhjax.train.storage`).
