@@ -5,7 +5,7 @@
 
 The seed's pre-training job at each shape: random weights, vocabulary 49953, 512-token blocks, bf16 base and
 matmuls, LoRA r=8 / alpha 32 / dropout 0.05 on all seven projections, embed_tokens and lm_head trained, float32
-trainable weights and AdamW state, clipping 1.0. zhjax runs its real train step (`make_train_step`, attention
+trainable weights and AdamW state, clipping 1.0. zhjax runs its real train step (`build_train_step`, attention
 `cudnn` on GPUs, `xla` elsewhere); transformers + peft runs the same job in PyTorch (bf16 base, float32
 trainable weights under `torch.autocast(bfloat16)`, SDPA attention, fused AdamW), on CUDA only. Both use the
 first device only. Each system and shape runs in its own process (so each gets the whole device), compiles /
@@ -48,10 +48,11 @@ def zhjax_worker(conn, shape: str, batch: int, steps: int, remat: str) -> None:
     from zhjax.model.llama import LlamaForCausalLM
     from zhjax.model.params import count_params, split_model, trainable_filter
     from zhjax.parallel.mesh import make_mesh
-    from zhjax.parallel.rules import batch_sharding, state_shardings
+    from zhjax.parallel.rules import state_shardings
     from zhjax.train.metrics import flops_per_token, peak_flops
     from zhjax.train.optim import OptimConfig, build_optimizer
-    from zhjax.train.step import make_train_step
+    from zhjax.train.state import init_train_state
+    from zhjax.train.step import build_train_step
 
     device = jax.devices()[0]
     arch, _ = SHAPES[shape]
@@ -70,22 +71,21 @@ def zhjax_worker(conn, shape: str, batch: int, steps: int, remat: str) -> None:
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
     n_train, n_frozen = count_params(trainable), count_params(frozen)
     tx = build_optimizer(OptimConfig(), trainable, 1000)
-    opt_state = jax.jit(tx.init)(trainable)
+    step = build_train_step(graphdef, tx, trainable, frozen, mesh, lora=lora)  # the trainer's step
+    train_state = init_train_state(tx, trainable, 0, step.state_shardings)
+    del trainable
     rows = batch
     ids = np.random.default_rng(0).integers(0, VOCAB, (1, rows, SEQ), dtype=np.int32)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
-    data = {"input_ids": jax.device_put(ids, sharding), "labels": jax.device_put(ids, sharding)}
-    step = jax.jit(make_train_step(graphdef, tx, use_dropout=True), donate_argnums=(0, 1))
-    key = jax.random.key(0)
+    data = {"input_ids": jax.device_put(ids, step.batch_sharding), "labels": jax.device_put(ids, step.batch_sharding)}
     start = time.perf_counter()
-    trainable, opt_state, metrics = step(trainable, opt_state, frozen, data, key, 0)
+    train_state, metrics = step(train_state, frozen, data)
     float(metrics["loss"])
     compile_s = time.perf_counter() - start
-    trainable, opt_state, metrics = step(trainable, opt_state, frozen, data, key, 1)  # one more warm-up
+    train_state, metrics = step(train_state, frozen, data)  # one more warm-up
     float(metrics["loss"])
     start = time.perf_counter()
-    for i in range(steps):
-        trainable, opt_state, metrics = step(trainable, opt_state, frozen, data, key, 2 + i)
+    for _ in range(steps):
+        train_state, metrics = step(train_state, frozen, data)
     float(metrics["loss"])
     elapsed = time.perf_counter() - start
     fpt = flops_per_token(config, n_train, n_frozen, SEQ, embed_trainable=True)

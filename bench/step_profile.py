@@ -26,8 +26,10 @@ from zhjax.convert.hf import read_config
 from zhjax.model.llama import LlamaForCausalLM
 from zhjax.model.matmul import matmul
 from zhjax.model.params import modules_filter, split_model, trainable_filter
+from zhjax.parallel.mesh import make_mesh
 from zhjax.train.optim import OptimConfig, build_optimizer
-from zhjax.train.step import loss_sum_fn, make_train_step
+from zhjax.train.state import init_train_state
+from zhjax.train.step import build_train_step, loss_sum_fn
 
 
 def parts(args) -> dict:
@@ -43,11 +45,19 @@ def parts(args) -> dict:
     batch = {"input_ids": ids, "labels": ids}
     key = jax.random.key(0)
     tx = build_optimizer(OptimConfig(), tr, 1000)
-    opt = tx.init(tr)
     chunk = args.loss_chunk
-    step = jax.jit(make_train_step(gd, tx, use_dropout=True, loss_chunk=chunk))
+    step = build_train_step(gd, tx, tr, fr, make_mesh(), lora=lora, loss_chunk=chunk)  # the trainer's step
+    # the step donates its state: the timed calls start from a copy, so `tr` and `opt` stay usable for the parts
+    state = init_train_state(tx, jax.tree.map(jnp.copy, tr), 0, step.state_shardings)
+    opt = jax.tree.map(jnp.copy, state.opt_state)
     b1 = {k: v[None] for k, v in batch.items()}
-    out = {"whole step": lambda: step(tr, opt, fr, b1, key, 1)}
+    whole = {"state": state}
+
+    def whole_step():
+        whole["state"], metrics = step(whole["state"], fr, b1)
+        return metrics
+
+    out = {"whole step": whole_step}
     vg = jax.jit(jax.grad(lambda p, r: loss_sum_fn(gd, p, fr, batch, r, chunk)[0]))
     out["loss fwd+bwd (no optimizer)"] = lambda: vg(tr, key)
     grads = jax.tree.map(lambda x: x * 1e-3, tr)

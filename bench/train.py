@@ -37,9 +37,11 @@ def zhjax_worker(conn, model_dir: str, batch: int, seq: int, dtype: str = "float
 
     import zhjax
     from zhjax.model.params import count_params, split_model, trainable_filter
+    from zhjax.parallel.mesh import make_mesh
     from zhjax.train.metrics import flops_per_token
     from zhjax.train.optim import OptimConfig, build_optimizer
-    from zhjax.train.step import make_train_step
+    from zhjax.train.state import init_train_state
+    from zhjax.train.step import build_train_step
 
     lora = zhjax.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05)
     model = zhjax.load_pretrained(model_dir, dtype=dtype, lora=lora)
@@ -47,21 +49,19 @@ def zhjax_worker(conn, model_dir: str, batch: int, seq: int, dtype: str = "float
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # master weights in fp32, as the trainer
     fpt = flops_per_token(model.config, count_params(trainable), count_params(frozen), seq, embed_trainable=True)
     tx = build_optimizer(OptimConfig(), trainable, 1000)
-    opt_state = tx.init(trainable)
-    step = jax.jit(make_train_step(graphdef, tx, use_dropout=True, loss_chunk=loss_chunk), donate_argnums=(0, 1))
+    step = build_train_step(graphdef, tx, trainable, frozen, make_mesh(), lora=lora, loss_chunk=loss_chunk)
+    state = init_train_state(tx, trainable, 0, step.state_shardings)
+    del trainable
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (1, batch, seq)), jnp.int32)
     b = {"input_ids": ids, "labels": ids}
-    key = jax.random.key(0)
-    trainable, opt_state, m = step(trainable, opt_state, frozen, b, key, 0)  # compile
+    state, m = step(state, frozen, b)  # compile
     jax.block_until_ready(m)
     conn.send(("ready", fpt))
-    i = 1
     while conn.recv() == "step":
         t = time.perf_counter()
-        trainable, opt_state, m = step(trainable, opt_state, frozen, b, key, i)
+        state, m = step(state, frozen, b)
         jax.block_until_ready(m)
         conn.send(time.perf_counter() - t)
-        i += 1
     conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

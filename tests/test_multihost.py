@@ -29,7 +29,7 @@ TRAIN = textwrap.dedent(
         initialize(os.environ["COORDINATOR"], int(os.environ["NUM_PROCESSES"]), int(os.environ["PROCESS_ID"]),
                    heartbeat_timeout=10, initialization_timeout=120)
     import zhjax.train.trainer as trainer
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     stop_after, die_at = int(os.environ.get("STOP_AFTER", 0)), int(os.environ.get("DIE_AT", 0))
     original_save, original_log = trainer.save, trainer.MetricsLogger.log
@@ -125,8 +125,8 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path)
 
 def test_a_dead_process_makes_the_other_exit_with_an_error_in_bounded_time(tmp_path):
     import zhjax
-    from zhjax.config import load_job_config
     from zhjax.model.llama import LlamaForCausalLM
+    from zhjax.train.config import load_job_config
 
     # an HF base to start from, so that nothing is exported before the death (process 0 exports a random base)
     model_cfg = load_job_config("pretrain", str(REPO / "configs/pretrain/tiny.yaml"), []).model

@@ -75,7 +75,7 @@ def _per_device_bytes(kind: str, fsdp: int) -> float:
 
 
 def _tiny(kind: str, **changes):
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     cfg = load_job_config(kind, str(REPO / "configs" / kind / "tiny.yaml"), [])
     return dataclasses.replace(cfg, **changes)
@@ -164,7 +164,7 @@ def test_largest_batch_is_exact_and_needs_few_compiles():
 
 
 def test_zero2_formula_for_the_seed_7b_job():
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
     from zhjax.train.plan import zero2_bytes_per_gpu
 
     model = load_job_config("pretrain", str(REPO / "configs/pretrain/llama-7b-lora.yaml"), []).model
@@ -197,7 +197,8 @@ def test_model_presets_have_the_released_parameter_counts(name):
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*/*-lora.yaml")))
 def test_recipes_follow_the_seed(path):
-    from zhjax.config import LORA_TARGETS, load_job_config
+    from zhjax.config import LORA_TARGETS
+    from zhjax.train.config import load_job_config
 
     kind = "sft" if path.startswith("configs/sft") else "pretrain"
     cfg = load_job_config(kind, str(REPO / path), [])
@@ -222,8 +223,8 @@ needs_libtpu = pytest.mark.skipif(
 def _plan_on(topology: str, config: str, kind: str, overrides=(), **changes):
     import jax
 
-    from zhjax.config import load_job_config
     from zhjax.plan_cli import tpu_target
+    from zhjax.train.config import load_job_config
     from zhjax.train.plan import plan_job
 
     if jax.default_backend() != "cpu":

@@ -181,7 +181,7 @@ def test_gs_output_dir_gets_checkpoints_and_files_and_resumes_like_a_local_run(g
 def test_gs_output_dir_without_gcsfs_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     import zhjax.train.trainer as trainer
     from zhjax.cli import main
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
     from zhjax.train.storage import OutputDirError
 
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # `import gcsfs` now raises ImportError

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(out: Path, cache: Path, **overrides):
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     args = {"output_dir": out, "max_steps": 4, "save_steps": 2, "save_total_limit": 3, "logging_steps": 1,
             "eval_steps": 0, "data.data_cache_dir": cache, "async_checkpointing": "false", **overrides}

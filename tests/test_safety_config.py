@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def job(kind: str, out: Path, *overrides: str):
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     return load_job_config(kind, str(REPO / f"configs/{kind}/tiny.yaml"), [f"output_dir={out}", *overrides])
 

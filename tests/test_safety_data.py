@@ -80,9 +80,9 @@ def test_a_utf8_bom_is_accepted_in_sft_and_pretraining_files(tmp_path, tokenizer
 
 
 def test_gbk_text_trains_with_data_encoding_from_the_config(tmp_path, tokenizer):
-    from zhjax.config import load_job_config
     from zhjax.data.files import DataError
     from zhjax.data.pretrain import build_blocks
+    from zhjax.train.config import load_job_config
 
     text = "今天天气很好。我们去公园散步吧。\n" * 40
     (tmp_path / "utf8.txt").write_bytes(text.encode())

@@ -20,7 +20,7 @@ KILLED_RUN = textwrap.dedent(
     import os, signal, sys
     import zhjax.train.data_setup as data_setup
     import zhjax.train.trainer as trainer
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     mode, at = sys.argv[1], int(sys.argv[2])
     if mode == "run":  # SIGKILL when the batch of step `at` + 1 is asked for: steps 1..at are done and logged

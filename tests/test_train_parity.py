@@ -16,8 +16,10 @@ import zhjax  # noqa: E402
 from zhjax.config import LORA_TARGETS, LoraConfig  # noqa: E402
 from zhjax.convert.peft import load_lora_weights  # noqa: E402
 from zhjax.model.params import count_params, split_model, trainable_filter  # noqa: E402
+from zhjax.parallel.mesh import make_mesh  # noqa: E402
 from zhjax.train.optim import OptimConfig, build_optimizer  # noqa: E402
-from zhjax.train.step import make_train_step  # noqa: E402
+from zhjax.train.state import init_train_state  # noqa: E402
+from zhjax.train.step import build_train_step  # noqa: E402
 
 from .test_model_parity import random_hf_model  # noqa: E402
 
@@ -70,13 +72,14 @@ def test_thirty_steps_match_pytorch_peft_adamw_cosine(tmp_path):
     graphdef, trainable, frozen = split_model(model, trainable_filter(lora))
     frozen_before = jax.tree.map(np.asarray, frozen)
     tx = build_optimizer(optim, trainable, STEPS)
-    opt_state = tx.init(trainable)
-    step_fn = jax.jit(make_train_step(graphdef, tx, use_dropout=False))
+    step_fn = build_train_step(graphdef, tx, trainable, frozen, make_mesh(), lora=lora)  # the trainer's step
+    state = init_train_state(tx, trainable, 0, step_fn.state_shardings)
     losses = []
-    for i, ids in enumerate(batches):
+    for ids in batches:
         b = {"input_ids": jnp.asarray(ids)[None], "labels": jnp.asarray(ids)[None]}
-        trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, b, jax.random.key(0), i)
+        state, metrics = step_fn(state, frozen, b)
         losses.append(float(metrics["loss"]))
+    trainable = state.trainable
 
     np.testing.assert_allclose(losses, torch_losses, rtol=1e-4)
     assert losses[-1] < 0.8 * losses[0]  # it learned something, so the comparison is not vacuous
@@ -109,8 +112,9 @@ def test_full_finetuning_trains_every_parameter_and_lora_training_none_of_the_ba
         graphdef, trainable, frozen = split_model(model, trainable_filter(lora, full_finetuning=full))
         before = jax.tree.map(np.asarray, (trainable, frozen))
         tx = build_optimizer(OptimConfig(learning_rate=1e-2, warmup_ratio=0.0), trainable, 10)
-        step = jax.jit(make_train_step(graphdef, tx, use_dropout=False))
-        trainable, _, _ = step(trainable, tx.init(trainable), frozen, batch, jax.random.key(0), 0)
+        step = build_train_step(graphdef, tx, trainable, frozen, make_mesh(), lora=lora)
+        state, _ = step(init_train_state(tx, trainable, 0, step.state_shardings), frozen, batch)
+        trainable = state.trainable
         moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(trainable), strict=True)]
         if full:
             assert count_params(frozen) == 0 and all(moved)
@@ -139,12 +143,12 @@ def test_bf16_compute_with_chunked_loss_tracks_pytorch_fp32(tmp_path):
     graphdef, trainable, frozen = split_model(model, trainable_filter(lora))
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # fp32 master weights, as the trainer
     tx = build_optimizer(optim, trainable, STEPS)
-    opt_state = tx.init(trainable)
-    step_fn = jax.jit(make_train_step(graphdef, tx, use_dropout=False, loss_chunk=24))
+    step_fn = build_train_step(graphdef, tx, trainable, frozen, make_mesh(), lora=lora, loss_chunk=24)
+    state = init_train_state(tx, trainable, 0, step_fn.state_shardings)
     losses = []
-    for i, ids in enumerate(batches):
+    for ids in batches:
         b = {"input_ids": jnp.asarray(ids)[None], "labels": jnp.asarray(ids)[None]}
-        trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, b, jax.random.key(0), i)
+        state, metrics = step_fn(state, frozen, b)
         losses.append(float(metrics["loss"]))
     print("max relative loss difference bf16 vs torch fp32:", np.max(np.abs(np.array(losses) / torch_losses - 1)))
     np.testing.assert_allclose(losses, torch_losses, rtol=3e-3)

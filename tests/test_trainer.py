@@ -73,7 +73,7 @@ KILL_AFTER_SAVE = textwrap.dedent(
     """
     import os, signal, sys
     import zhjax.train.trainer as trainer
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     kill_at, mode = int(sys.argv[1]), sys.argv[2]
     original = trainer.save
@@ -129,7 +129,7 @@ MESH_RUN = textwrap.dedent(
     import json, sys
     import jax
     import zhjax.train.trainer as trainer
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
     from zhjax.parallel.mesh import make_mesh
 
     cfg = load_job_config("pretrain", "configs/pretrain/tiny.yaml", sys.argv[1:])
@@ -231,9 +231,9 @@ def test_adapters_from_continues_an_earlier_lora(tmp_path):
          "eval_steps=0", f"data.data_cache_dir={tmp_path / 'cache'}"])
     from safetensors.numpy import load_file
 
-    from zhjax.config import load_job_config
     from zhjax.convert.peft import lora_state_dict
     from zhjax.parallel.mesh import make_mesh
+    from zhjax.train.config import load_job_config
     from zhjax.train.trainer import build_model
 
     cfg = load_job_config("sft", "configs/sft/tiny.yaml", [f"adapters_from={out}", f"init_from={out / 'base'}"])

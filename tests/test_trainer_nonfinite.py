@@ -32,7 +32,7 @@ def nan_at_step(monkeypatch):
 
 
 def _cfg(tmp_path, *overrides):
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     return load_job_config("pretrain", str(REPO / "configs/pretrain/tiny.yaml"), [
         f"output_dir={tmp_path / 'run'}", "max_steps=8", "logging_steps=4", "save_steps=2", "eval_steps=0",

@@ -11,9 +11,9 @@ import argparse
 import sys
 
 import zhjax
+from zhjax.convert.base import load_base_checkpoint, save_base_checkpoint
 from zhjax.convert.hf import save_hf
 from zhjax.ownership import OutputRefused, check_output_dir
-from zhjax.train.checkpoint import load_base_checkpoint, save_base_checkpoint
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ def _train(kind: str, argv: list[str]) -> int:
         print(f"zhjax {kind}: {e}", file=sys.stderr)
         return 2
 
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     overrides = list(args.overrides)
     if args.overwrite_output_dir:

@@ -2,16 +2,14 @@
 
 Architecture and numerics of the model (`ModelConfig`) and the LoRA adapter (`LoraConfig`) are plain frozen
 dataclasses: hashable, so they can be static arguments of jitted functions, and free of any Hugging Face
-naming (reading and writing HF `config.json` lives in `zhjax.convert.hf`).
+naming (reading and writing HF `config.json` lives in `zhjax.convert.hf`). The job config (data, optimizer,
+mesh and schedule of a training run) lives with training, in `zhjax.train.config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-
-from zhjax.parallel.mesh import MeshConfig
-from zhjax.train.optim import OptimConfig
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_only_these_names")
@@ -120,99 +118,3 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
-
-
-@dataclass
-class DataConfig:
-    """Where the training text comes from and how it becomes fixed-shape rows."""
-
-    train_files: list[str] = field(default_factory=list)
-    validation_files: list[str] = field(default_factory=list)
-    validation_split_percentage: float = 0.05  # a fraction, as in the seed (0.05 = 5%)
-    data_cache_dir: str | None = None
-    preprocessing_num_workers: int = 1
-    # how the files' bytes become text: any ASCII-compatible codec (gbk, gb18030, ...); a UTF-8 BOM is dropped.
-    # encoding_errors "replace" substitutes U+FFFD for undecodable bytes instead of stopping at the first one
-    encoding: str = "utf-8"
-    encoding_errors: str = "strict"
-    # pre-training
-    block_size: int = 512
-    add_eos: bool = True
-    attend_across_documents: bool = True
-    # instruction tuning
-    template: str = "alpaca"
-    max_seq_length: int = 512
-    max_prompt_length: int | None = None
-    pack: bool = True
-
-
-@dataclass
-class JobConfig:
-    """One `zhjax pretrain` / `zhjax sft` run. YAML files set it; `a.b=value` arguments override it.
-
-    The model comes from `init_from` (an HF directory or a zhjax base checkpoint) or, when that is unset, is
-    initialised at random from `model` (tiny test presets). `dtype` is the compute dtype and the storage dtype of
-    the frozen base; trainable weights and optimizer state are always float32.
-    """
-
-    init_from: str | None = None
-    model: ModelConfig | None = None
-    tokenizer: str | None = None
-    adapters_from: str | None = None
-    full_finetuning: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    dtype: str = "bfloat16"
-    remat: str = "none"
-    remat_names: tuple[str, ...] = ("query_proj", "key_proj", "value_proj", "context")
-    attention: str = "xla"
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    per_device_train_batch_size: int = 1
-    per_device_eval_batch_size: int = 1
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    logging_steps: int = 10
-    eval_steps: int = 100
-    save_steps: int = 200
-    save_total_limit: int | None = 3
-    seed: int = 42
-    output_dir: str = "outputs/run"
-    overwrite_output_dir: bool = False
-    peak_tflops_per_device: float | None = None
-    skip_nonfinite: bool = False
-    async_checkpointing: bool = True
-    max_eval_batches: int | None = None
-    # > 0: the LM head + cross-entropy run fused, this many tokens at a time (zhjax.train.loss); 0: full logits
-    loss_chunk_size: int = 0
-
-
-@dataclass
-class PretrainConfig(JobConfig):
-    """`zhjax pretrain`: the seed's run_clm_pt_with_peft.py defaults (lr 2e-4, warmup 5%, weight decay 0.01)."""
-
-
-@dataclass
-class SFTConfig(JobConfig):
-    """`zhjax sft`: the seed's run_clm_sft_with_peft.py defaults (lr 1e-4, warmup 3%, no weight decay)."""
-
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(learning_rate=1e-4, warmup_ratio=0.03, weight_decay=0.0)
-    )
-
-
-def load_job_config(kind: str, config_path: str | None, overrides: list[str]) -> JobConfig:
-    """Parse a job config: YAML file, then `a.b=value` (or `--a.b=value`) overrides, validated up front."""
-    import draccus
-
-    cls = {"pretrain": PretrainConfig, "sft": SFTConfig}[kind]
-    args = [a if a.startswith("--") else f"--{a}" for a in overrides]
-    bad = [a for a in args if "=" not in a]
-    if bad:
-        raise ValueError(f"overrides must look like key.sub=value, got {bad}")
-    try:
-        return draccus.parse(cls, config_path=config_path, args=args, exit_on_error=False)
-    except (draccus.utils.DraccusException, draccus.utils.ParsingError, ValueError, TypeError) as e:
-        where = f" in {config_path}" if config_path else ""
-        cause = f" ({e.__cause__})" if e.__cause__ else ""
-        raise ValueError(f"invalid {kind} config{where}: {e}{cause}") from e

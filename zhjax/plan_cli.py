@@ -111,7 +111,7 @@ def _job_kind(args) -> str:
 
 
 def _load(config: str, kind: str, overrides: list[str]):
-    from zhjax.config import load_job_config
+    from zhjax.train.config import load_job_config
 
     return load_job_config(kind, config, overrides)
 

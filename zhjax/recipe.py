@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhjax._extras import require
-from zhjax.config import PretrainConfig, SFTConfig
 from zhjax.tokenizer.transfer import TransferConfig
+from zhjax.train.config import PretrainConfig, SFTConfig
 from zhjax.train.validate import jsonable
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from zhjax.config import LoraConfig, ModelConfig, RopeScaling
+from zhjax.model.lora import fold_lora
 from zhjax.ownership import staged_dir
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -385,10 +386,8 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
         for i, name in enumerate(hf_tensor_names(path, num_layers)):
             arr = np.asarray(jax.device_get(value[i] if stacked else value))
             if path[-1] == "kernel" and a is not None:
-                delta = np.asarray(jax.device_get(a[i] if stacked else a), np.float32) @ np.asarray(
-                    jax.device_get(b[i] if stacked else b), np.float32
-                )
-                arr = (arr.astype(np.float32) + delta * scaling).astype(arr.dtype)
+                a_i, b_i = (np.asarray(jax.device_get(x[i] if stacked else x)) for x in (a, b))
+                arr = fold_lora(arr, a_i, b_i, scaling)
             arr = arr.T if transpose else arr
             if dtype is not None:
                 arr = arr.astype(dtype)

@@ -39,6 +39,7 @@ from flax import nnx
 from zhjax._extras import require
 from zhjax.config import LORA_TARGETS, ModelConfig
 from zhjax.convert.hf import TOKENIZER_FILES, ConversionError, _SafetensorsFile
+from zhjax.model.lora import lora_delta
 from zhjax.ownership import staged_dir
 
 PEFT_PREFIX = "base_model.model."
@@ -244,8 +245,8 @@ class PeftAdapter:
         keys = self.lora.get((layer, block, module))
         if keys is None:
             return None
-        a, b = (self.tensor(k).astype(np.float32) for k in keys)
-        return (b @ a) * np.float32(self.scaling)
+        a, b = (self.tensor(k) for k in keys)
+        return lora_delta(b, a, self.scaling)
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of one stored tensor (read from the header or a memory map, not the data)."""

@@ -104,7 +104,7 @@ def load_model(path: str | Path, *, adapters=(), dtype: str | None = None):
     path = Path(path)
     dtype = dtype or _default_dtype()
     if (path / "zhjax.json").exists():
-        from zhjax.train.checkpoint import load_base_checkpoint
+        from zhjax.convert.base import load_base_checkpoint
 
         model = load_base_checkpoint(path)
         if model.config.param_dtype != dtype or model.config.dtype != dtype:

@@ -23,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zhjax.config import LoraConfig
@@ -110,8 +111,25 @@ class Linear(nnx.Module):
         w = self.kernel[...]
         if self.lora_a is None:
             return w
-        delta = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
-        return (w.astype(jnp.float32) + delta * self.lora_scaling).astype(w.dtype)
+        return fold_lora(w, self.lora_a[...], self.lora_b[...], self.lora_scaling)
+
+
+def lora_delta(a, b, scaling: float):
+    """`(a @ b) * scaling` in float32, for numpy or jax arrays: a LoRA adapter's change to its weight.
+
+    In zhjax's layout `a` is A `[in, r]` and `b` is B `[r, out]`; for PEFT's (`lora_B.weight` `[out, r]`,
+    `lora_A.weight` `[r, in]`) pass B then A and get the change to HF's `[out, in]` weight.
+    """
+    return (a.astype(np.float32) @ b.astype(np.float32)) * scaling
+
+
+def fold_lora(w, a, b, scaling: float):
+    """The LoRA fold `W + A B alpha/r`: `w` plus `lora_delta(a, b, scaling)`, added in float32, cast back to w's dtype.
+
+    The one copy of the fold: `merge_lora` (models), the HF export (`zhjax.convert.hf`) and PEFT merges
+    (`zhjax.convert.peft`) all use it.
+    """
+    return (w.astype(np.float32) + lora_delta(a, b, scaling)).astype(w.dtype)
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:

@@ -68,6 +68,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(RULES["batch"]))
 
 
+def microbatch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """A train step's `[accum, batch, seq]` arrays: the micro-batch axis whole, rows as `batch_sharding`."""
+    return NamedSharding(mesh, PartitionSpec(None, RULES["batch"]))
+
+
 def describe(state: nnx.State, shardings: nnx.State) -> list[str]:
     """One line per parameter: path, shape and the PartitionSpec it got."""
     lines = []

@@ -1,8 +1,4 @@
-"""zhjax checkpoints on disk (orbax).
-
-A *base checkpoint* is a model's parameters in zhjax's own layout (stacked layers) plus `zhjax.json`, which records
-the layout (`scanned`, dtype, vocab size) and the full `ModelConfig`, so a reader never guesses how the arrays are
-laid out. Saving writes to a temporary directory that replaces the destination only when complete.
+"""Run checkpoints on disk (orbax); base checkpoints (a model's weights) are `zhjax.convert.base`.
 
 A *run checkpoint* (`RunCheckpointer`) carries a checksum of every array it holds, in its `meta` item, computed on
 the device at save time and compared after restore (`tree_checksums`). Each checksum is two wrapping 32-bit sums
@@ -14,8 +10,6 @@ tried (`restore_latest_good`); the run never trains on weights it could not veri
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,75 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from zhjax.config import ModelConfig, RopeScaling
-from zhjax.ownership import staged_dir
-
-LAYOUT_VERSION = 1
-
-
-def config_to_dict(config: ModelConfig) -> dict:
-    """JSON-able dict of a `ModelConfig`."""
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    """Inverse of `config_to_dict`."""
-    d = dict(d)
-    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    if isinstance(d.get("eos_token_id"), list):
-        d["eos_token_id"] = tuple(d["eos_token_id"])
-    return ModelConfig(**d)
-
-
-def save_base_checkpoint(model: nnx.Module, out_dir: str | Path, *, source: str | None = None,
-                         overwrite: bool = False) -> Path:
-    """Save the model's base parameters (LoRA adapters excluded) as an orbax checkpoint with layout metadata.
-
-    An existing `out_dir` that zhjax did not write, or the `source` directory itself, is refused (`zhjax.ownership`).
-    """
-    out_dir = Path(out_dir).absolute()
-    _, _, base = nnx.split(model, nnx.LoRAParam, ...)
-    with staged_dir(out_dir, inputs=[source], overwrite=overwrite) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "params", nnx.to_pure_dict(base))
-        meta = {
-            "format": "zhjax-base",
-            "layout_version": LAYOUT_VERSION,
-            "scanned": True,
-            "param_dtype": model.config.param_dtype,
-            "vocab_size": model.config.vocab_size,
-            "source": source,
-            "config": config_to_dict(model.config),
-        }
-        (tmp / "zhjax.json").write_text(json.dumps(meta, indent=2))
-    return out_dir
-
-
-def load_base_checkpoint(path: str | Path) -> nnx.Module:
-    """Load a base checkpoint written by `save_base_checkpoint` as a `LlamaForCausalLM`."""
-    from zhjax.model.llama import LlamaForCausalLM
-
-    path = Path(path).absolute()
-    meta_file = path / "zhjax.json"
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{path}: not a zhjax base checkpoint (zhjax.json is missing)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != "zhjax-base" or meta.get("layout_version") != LAYOUT_VERSION:
-        raise ValueError(
-            f"{meta_file}: format {meta.get('format')!r} layout_version {meta.get('layout_version')!r}; "
-            f"expected 'zhjax-base' version {LAYOUT_VERSION}"
-        )
-    config = config_from_dict(meta["config"])
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        nnx.to_pure_dict(state),
-    )
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(path / "params", target)
-    nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
+from zhjax.train.state import TrainState, step_array
 
 
 class CheckpointError(ValueError):
@@ -143,7 +69,7 @@ def tree_checksums(tree) -> dict[str, list[int]]:
 
 
 class RunCheckpointer:
-    """Training checkpoints of one run: trainable params, optimizer state and a JSON `meta` item.
+    """Training checkpoints of one run (a `TrainState`): trainable params, optimizer state and a JSON `meta` item.
 
     `meta` holds the step, the data loader's position, the RNG seed and the job config. Saves are asynchronous
     (orbax `CheckpointManager`) and keep the newest `max_to_keep`; orbax writes each step to a temporary
@@ -171,32 +97,37 @@ class RunCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, trainable, opt_state, meta: dict) -> None:
-        """Start saving (returns before the write finishes; `wait` blocks until it has).
+    def save(self, step: int, state: TrainState, meta: dict) -> None:
+        """Start saving `state` as checkpoint `step` (returns before the write finishes; `wait` blocks until it has).
 
-        The arrays' checksums are computed now, on the device, and saved in `meta["checksums"]`.
+        On disk: the trainable weights, the optimizer state and `meta` (which holds the step). The arrays'
+        checksums are computed now, on the device, and saved in `meta["checksums"]`.
         """
-        meta = {**meta, "checksums": {"trainable": tree_checksums(nnx.to_pure_dict(trainable)),
-                                      "opt_state": tree_checksums(opt_state)}}
+        trainable = nnx.to_pure_dict(state.trainable)
+        meta = {**meta, "step": step, "checksums": {"trainable": tree_checksums(trainable),
+                                                    "opt_state": tree_checksums(state.opt_state)}}
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                trainable=ocp.args.StandardSave(nnx.to_pure_dict(trainable)),
-                opt_state=ocp.args.StandardSave(opt_state),
+                trainable=ocp.args.StandardSave(trainable),
+                opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta),
             ),
         )
 
-    def restore(self, step: int, trainable_target, opt_state_target):
-        """Restore `(trainable, opt_state, meta)` of `step` onto the targets' shapes and shardings."""
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
+        """Restore `(state, meta)` of checkpoint `step` onto `target`'s shapes and shardings.
+
+        The step comes from `meta`, the key from `target` (the run's seed, recorded in `meta["seed"]`).
+        """
         abstract = lambda tree: jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
         )
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                trainable=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(trainable_target))),
-                opt_state=ocp.args.StandardRestore(abstract(opt_state_target)),
+                trainable=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(target.trainable))),
+                opt_state=ocp.args.StandardRestore(abstract(target.opt_state)),
                 meta=ocp.args.JsonRestore(),
             ),
         )
@@ -209,12 +140,14 @@ class RunCheckpointer:
                 if bad:
                     raise CheckpointDamaged(f"{name} checksum mismatch in {', '.join(bad[:3])}"
                                             + (f" and {len(bad) - 3} more arrays" if len(bad) > 3 else ""))
-        trainable = jax.tree.map(lambda x: x, trainable_target)
+        trainable = jax.tree.map(lambda x: x, target.trainable)
         nnx.replace_by_pure_dict(trainable, restored["trainable"])
-        return trainable, restored["opt_state"], meta
+        state = TrainState(step=step_array(meta["step"], target.step.sharding), trainable=trainable,
+                           opt_state=restored["opt_state"], rng=target.rng)
+        return state, meta
 
-    def restore_latest_good(self, trainable_target, opt_state_target, *, report: Callable[[str], None] = print):
-        """`(step, trainable, opt_state, meta)` of the newest checkpoint that restores and verifies, or None if none.
+    def restore_latest_good(self, target: TrainState, *, report: Callable[[str], None] = print):
+        """`(step, state, meta)` of the newest checkpoint that restores and verifies, or None if none.
 
         Each damaged newer checkpoint is reported by name and moved to `checkpoints/damaged/STEP-TIME` (kept, not
         deleted), so the run saves that step afresh. When checkpoints exist but none is good, nothing is moved and
@@ -223,7 +156,7 @@ class RunCheckpointer:
         failures = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                trainable, opt_state, meta = self.restore(step, trainable_target, opt_state_target)
+                state, meta = self.restore(step, target)
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means "damaged"
                 reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 report(f"zhjax: warning: checkpoint {self.directory / str(step)} is damaged ({reason})")
@@ -231,7 +164,7 @@ class RunCheckpointer:
                 continue
             if failures:
                 self._move_aside([s for s, _ in failures])
-            return step, trainable, opt_state, meta
+            return step, state, meta
         if failures:
             listed = "; ".join(f"{s}: {r}" for s, r in failures)
             raise CheckpointError(

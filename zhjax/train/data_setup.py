@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 
-from zhjax.config import JobConfig, ModelConfig
+from zhjax.config import ModelConfig
 from zhjax.data.loader import DataLoader
-from zhjax.parallel.rules import RULES
+from zhjax.parallel.rules import microbatch_sharding
+from zhjax.train.config import JobConfig
 
 
 class TrainData:
@@ -33,7 +33,7 @@ class TrainData:
         self.pad_id = pad_id
         self.seq_len = bucket_lengths[-1] if bucket_lengths else self.loader.row_length
         self.steps_per_epoch = max(len(self.loader), 1)
-        self._micro_sharding = NamedSharding(mesh, PartitionSpec(None, RULES["batch"]))
+        self._micro_sharding = microbatch_sharding(mesh)
         self._iter: Iterator | None = None
 
     @property

@@ -24,20 +24,22 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zhjax.config import JobConfig, ModelConfig
+from zhjax.config import ModelConfig
 from zhjax.model.llama import LlamaForCausalLM
 from zhjax.model.params import count_params, split_model, trainable_filter
 from zhjax.parallel.mesh import make_mesh
-from zhjax.parallel.rules import batch_sharding, state_shardings
+from zhjax.train.config import JobConfig
 from zhjax.train.metrics import flops_per_token
 from zhjax.train.optim import build_optimizer
-from zhjax.train.step import make_train_step
+from zhjax.train.state import abstract_train_state
+from zhjax.train.step import build_train_step
 
 GIB = 1024**3
 
@@ -143,7 +145,7 @@ def job_model_config(cfg: JobConfig) -> tuple[ModelConfig, str]:
         numerics["remat_names"] = cfg.remat_names
     source = Path(cfg.init_from) if cfg.init_from else None
     if source is not None and (source / "zhjax.json").exists():
-        from zhjax.train.checkpoint import config_from_dict
+        from zhjax.convert.base import config_from_dict
 
         config = config_from_dict(json.loads((source / "zhjax.json").read_text())["config"])
         return config.replace(**numerics), str(source / "zhjax.json")
@@ -168,59 +170,69 @@ def batch_keys(cfg: JobConfig, kind: str) -> tuple[str, ...]:
     return ("input_ids", "labels", "segment_ids", "positions")
 
 
-def plan_job(cfg: JobConfig, kind: str, devices: Sequence, capacity_bytes: float,
-             *, describe_devices: str | None = None) -> Plan:
-    """Compile the job's train step on `devices` from abstract shapes and return its memory plan."""
+@dataclasses.dataclass
+class LoweredJob:
+    """A job's train step lowered on a mesh from abstract shapes, with the sizes a plan reports."""
+
+    lowered: Any  # jax.stages.Lowered
+    mesh: jax.sharding.Mesh
+    model: ModelConfig
+    accum: int
+    seq_len: int
+    trainable_params: int
+    frozen_params: int
+    embed_trainable: bool
+
+
+def lower_job(cfg: JobConfig, kind: str, devices: Sequence) -> LoweredJob:
+    """The trainer's train step for `cfg` (`zhjax.train.step.build_train_step`) lowered on `devices`.
+
+    Nothing is allocated: the model, its split, the optimizer state and the batch are abstract shapes carrying the
+    shardings the trainer gives them.
+    """
     mesh = make_mesh(cfg.mesh, devices)
     model_cfg, _ = job_model_config(cfg)
     lora = None if cfg.full_finetuning else cfg.lora
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_cfg, lora, rngs=nnx.Rngs(cfg.seed)))
-    graphdef, trainable, frozen = split_model(abstract, trainable_filter(lora, cfg.full_finetuning))
+    graphdef, trainable, frozen = split_model(abstract, trainable_filter(abstract.lora, cfg.full_finetuning))
     trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)
-    train_sh, frozen_sh = state_shardings(trainable, mesh), state_shardings(frozen, mesh)
-    trainable, frozen = _with_shardings(trainable, train_sh), _with_shardings(frozen, frozen_sh)
-
     tx = build_optimizer(cfg.optim, trainable, max(cfg.max_steps, 1))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.eval_shape(tx.init, trainable)
-    opt_sh = opt_state_shardings(opt_state, trainable, train_sh, mesh)
-    opt_state = _with_shardings(opt_state, opt_sh)
-
-    n = len(mesh.devices.flat)
-    accum = cfg.optim.gradient_accumulation_steps
-    seq = job_seq_len(cfg, kind)
-    rows = cfg.per_device_train_batch_size * n
-    micro_sh = NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh).spec))
-    batch = {k: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32, sharding=micro_sh) for k in batch_keys(cfg, kind)}
-    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-
-    use_dropout = lora is not None and lora.lora_dropout > 0
-    step_fn = jax.jit(
-        make_train_step(graphdef, tx, use_dropout=use_dropout, skip_nonfinite=cfg.skip_nonfinite,
-                        loss_chunk=cfg.loss_chunk_size),
-        in_shardings=(train_sh, opt_sh, frozen_sh, micro_sh, replicated, replicated),
-        out_shardings=(train_sh, opt_sh, replicated),
-        donate_argnums=(0, 1),
-    )
-    n_train, n_frozen = count_params(trainable), count_params(frozen)
+    train_step = build_train_step(graphdef, tx, trainable, frozen, mesh, lora=abstract.lora,
+                                  skip_nonfinite=cfg.skip_nonfinite, loss_chunk=cfg.loss_chunk_size)
+    state = abstract_train_state(tx, trainable, train_step.state_shardings)
+    frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen,
+                          train_step.frozen_shardings)
+    accum, seq = cfg.optim.gradient_accumulation_steps, job_seq_len(cfg, kind)
+    rows = cfg.per_device_train_batch_size * len(mesh.devices.flat)
+    batch = {k: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32, sharding=train_step.batch_sharding)
+             for k in batch_keys(cfg, kind)}
     embed_trainable = any(str(p[0]) == "embed_tokens" for p, _ in nnx.to_flat_state(trainable))
+    return LoweredJob(train_step.lower(state, frozen, batch), mesh, model_cfg, accum, seq, count_params(trainable),
+                      count_params(frozen), embed_trainable)
+
+
+def plan_job(cfg: JobConfig, kind: str, devices: Sequence, capacity_bytes: float,
+             *, describe_devices: str | None = None) -> Plan:
+    """Compile the job's train step on `devices` from abstract shapes and return its memory plan."""
+    start = time.perf_counter()
+    job = lower_job(cfg, kind, devices)
+    n = len(job.mesh.devices.flat)
     plan = Plan(
         devices=describe_devices or f"{n} x {devices[0].device_kind}",
         num_devices=n,
-        mesh=dict(mesh.shape),
+        mesh=dict(job.mesh.shape),
         per_device_batch=cfg.per_device_train_batch_size,
-        accum=accum,
-        seq_len=seq,
-        trainable_params=n_train,
-        frozen_params=n_frozen,
-        flops_per_token=flops_per_token(model_cfg, n_train, n_frozen, seq, embed_trainable=embed_trainable),
+        accum=job.accum,
+        seq_len=job.seq_len,
+        trainable_params=job.trainable_params,
+        frozen_params=job.frozen_params,
+        flops_per_token=flops_per_token(job.model, job.trainable_params, job.frozen_params, job.seq_len,
+                                        embed_trainable=job.embed_trainable),
         capacity_bytes=capacity_bytes,
     )
-    start = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):
-            compiled = step_fn.lower(trainable, opt_state, frozen, batch, rng, step).compile()
+        with jax.set_mesh(job.mesh):
+            compiled = job.lowered.compile()
     except Exception as e:  # XLA's out-of-memory error is a JaxRuntimeError/XlaRuntimeError by message only
         needed = _oom_bytes(str(e))
         if needed is None:
@@ -237,32 +249,6 @@ def plan_job(cfg: JobConfig, kind: str, devices: Sequence, capacity_bytes: float
     plan.code_bytes = int(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
     plan.total_bytes = plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.temp_bytes + plan.code_bytes
     return plan
-
-
-def opt_state_shardings(opt_state, trainable, train_shardings, mesh: jax.sharding.Mesh):
-    """Shardings of an optax state: a leaf that mirrors a parameter gets the parameter's sharding, others replicate.
-
-    Adam's `mu` and `nu` are trees of the parameters' structure inside the optimizer state, so a state leaf whose
-    path ends with a parameter's path and has its shape is that parameter's moment; step counts and other
-    scalars are replicated. (Asking the compiler instead, as `jax.jit(tx.init)` does, gives zeros that depend on
-    no input a single-device or replicated placement: every device would hold every moment.)
-    """
-    keystr = jax.tree_util.keystr
-    params = [(keystr(path), x.shape, sh) for (path, x), sh in zip(
-        jax.tree_util.tree_leaves_with_path(trainable), jax.tree.leaves(train_shardings), strict=True)]
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def sharding_of(path, leaf):
-        name = keystr(path)
-        matches = [(len(k), sh) for k, shape, sh in params if name.endswith(k) and shape == leaf.shape]
-        return max(matches, key=lambda m: m[0])[1] if matches else replicated
-
-    return jax.tree_util.tree_map_with_path(sharding_of, opt_state)
-
-
-def _with_shardings(tree, shardings):
-    """Abstract arrays (`ShapeDtypeStruct`) of `tree`'s shapes carrying `shardings`' shardings."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 # XLA's out-of-memory errors: "... required for HLO temporaries (249.64G) exceeds available HBM (15.75G)" and

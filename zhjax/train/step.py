@@ -1,4 +1,8 @@
-"""The train and eval steps: pure functions of (trainable, frozen, batch), jitted by the trainer.
+"""The train and eval steps: pure functions of (state, frozen, batch), and the one builder that jits them.
+
+`build_train_step` is the only place a train step is jitted: the trainer runs what it returns, `zhjax plan`
+compiles the same thing from abstract shapes, and the benchmarks time it, so the planned, the benchmarked and the
+trained program are one program.
 
 A batch is a dict of `[accum, batch, seq]` int32 arrays (`input_ids`, `labels`, optional `segment_ids` and
 `positions`), one slice per gradient-accumulation micro-batch. Labels are aligned with the inputs (HF
@@ -9,15 +13,20 @@ tokens and divided by the number of target tokens of the whole step (token-weigh
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from zhjax.config import LoraConfig
+from zhjax.parallel.rules import batch_sharding, microbatch_sharding, state_shardings
 from zhjax.train.loss import chunked_head_loss
 from zhjax.train.optim import accumulate_gradients, global_norm
+from zhjax.train.state import TrainState, train_state_shardings
 
 IGNORE_INDEX = -100
 
@@ -66,21 +75,24 @@ def make_train_step(
     graphdef, optimizer: optax.GradientTransformation, *, use_dropout: bool, skip_nonfinite: bool = False,
     loss_chunk: int = 0,
 ) -> Callable:
-    """`step(trainable, opt_state, frozen, batch, rng, step) -> (trainable, opt_state, metrics)`, unjitted.
+    """`step(state, frozen, batch) -> (state, metrics)` over a `TrainState`, unjitted (`build_train_step` jits it).
 
-    Gradients exist only for `trainable`; the frozen state is an input that is never updated. With
-    `skip_nonfinite` a step whose loss or gradient norm is not finite leaves the state unchanged. `loss_chunk`:
-    see `loss_sum_fn`.
+    Gradients exist only for `state.trainable`; the frozen state is an input that is never updated. Update k's
+    dropout keys come from `fold_in(state.rng, k)`. With `skip_nonfinite` a step whose loss or gradient norm is not
+    finite leaves the weights and optimizer state unchanged (the step still counts). `loss_chunk`: see
+    `loss_sum_fn`.
     """
 
-    def step(trainable, opt_state, frozen, batch, rng, step):
+    def step(state: TrainState, frozen, batch):
+        trainable, opt_state = state.trainable, state.opt_state
+
         def grad_fn(params, micro):
             micro_batch, micro_rng = micro
             loss = lambda p: loss_sum_fn(graphdef, p, frozen, micro_batch, micro_rng if use_dropout else None, loss_chunk)
             return jax.value_and_grad(loss, has_aux=True)(params)
 
         accum = batch["input_ids"].shape[0]
-        rngs = jax.random.split(jax.random.fold_in(rng, step), accum)
+        rngs = jax.random.split(jax.random.fold_in(state.rng, state.step), accum)
         loss, grads, tokens = accumulate_gradients(grad_fn, trainable, (batch, rngs))
         grad_norm = global_norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
@@ -90,9 +102,53 @@ def make_train_step(
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             new_trainable, new_opt_state = keep(new_trainable, trainable), keep(new_opt_state, opt_state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "finite": finite}
-        return new_trainable, new_opt_state, metrics
+        return TrainState(state.step + 1, new_trainable, new_opt_state, state.rng), metrics
 
     return step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A job's jitted train step with the shardings of its inputs; calls and lowerings run under its mesh.
+
+    `step(state, frozen, batch) -> (state, metrics)`; the state is donated (its buffers are reused for the new
+    state), the frozen weights are not.
+    """
+
+    jitted: Any
+    mesh: jax.sharding.Mesh
+    state_shardings: TrainState
+    frozen_shardings: Any
+    batch_sharding: jax.sharding.NamedSharding  # the `[accum, batch, seq]` arrays
+
+    def __call__(self, state: TrainState, frozen, batch):
+        with jax.set_mesh(self.mesh):  # per-device kernels (splash attention) shard_map over the context mesh
+            return self.jitted(state, frozen, batch)
+
+    def lower(self, state: TrainState, frozen, batch):
+        """The step lowered for these (abstract or concrete) arguments; `.compile()` it, or read `.as_text()`."""
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(state, frozen, batch)
+
+
+def build_train_step(
+    graphdef, tx: optax.GradientTransformation, trainable, frozen, mesh: jax.sharding.Mesh, *,
+    lora: LoraConfig | None, skip_nonfinite: bool = False, loss_chunk: int = 0,
+) -> TrainStep:
+    """The one jitted train step of zhjax: the trainer runs it, the planner compiles it, the benchmarks time it.
+
+    `trainable` and `frozen` may be arrays or abstract shapes (only their shapes and logical axes are read).
+    Dropout is on exactly when the model has LoRA adapters with `lora_dropout > 0`.
+    """
+    state_sh = train_state_shardings(tx, trainable, mesh)
+    frozen_sh = state_shardings(frozen, mesh)
+    micro_sh = microbatch_sharding(mesh)
+    use_dropout = lora is not None and lora.lora_dropout > 0
+    fn = make_train_step(graphdef, tx, use_dropout=use_dropout, skip_nonfinite=skip_nonfinite, loss_chunk=loss_chunk)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jitted = jax.jit(fn, in_shardings=(state_sh, frozen_sh, micro_sh), out_shardings=(state_sh, replicated),
+                     donate_argnums=0)
+    return TrainStep(jitted, mesh, state_sh, frozen_sh, micro_sh)
 
 
 def make_eval_step(graphdef, loss_chunk: int = 0) -> Callable:
@@ -100,5 +156,18 @@ def make_eval_step(graphdef, loss_chunk: int = 0) -> Callable:
 
     def eval_step(trainable, frozen, batch):
         return loss_sum_fn(graphdef, trainable, frozen, batch, None, loss_chunk)
+
+    return eval_step
+
+
+def build_eval_step(graphdef, train_step: TrainStep, loss_chunk: int = 0) -> Callable:
+    """`make_eval_step` jitted with the train step's shardings, run under its mesh."""
+    jitted = jax.jit(make_eval_step(graphdef, loss_chunk),
+                     in_shardings=(train_step.state_shardings.trainable, train_step.frozen_shardings,
+                                   batch_sharding(train_step.mesh)))
+
+    def eval_step(trainable, frozen, batch):
+        with jax.set_mesh(train_step.mesh):
+            return jitted(trainable, frozen, batch)
 
     return eval_step

@@ -1,17 +1,17 @@
 """The training loop of `zhjax pretrain` and `zhjax sft`: init or restore, step, log, evaluate, save.
 
-Reads top to bottom:
+Reads top to bottom: `train` is `set_up`, `restore`, `loop`; `save` writes a checkpoint and the adapter.
 
-1. `build_model` loads the base (HF dir, zhjax base checkpoint, or random init from `model`) with every
-   parameter created directly in its shard, adds LoRA, optionally loads earlier adapters (`adapters_from`).
-2. `split_model` separates trainable (float32) from frozen state with the filter the config asks for.
-3. The optimizer is built and initialised on the trainable state only; the step is jitted once with explicit
-   in/out shardings and donated state.
-4. If `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the newest one that restores and matches
-   its checksums is restored, data position and all, so the run continues at the next sample.
-5. Loop: step (metrics stay on the device), read them and check the loss is finite at logging, evaluation and
-   save steps only, log every `logging_steps`, evaluate every `eval_steps`, save every
-   `save_steps` (orbax, async) together with a PEFT adapter export.
+1. `set_up`: `build_model` loads the base (HF dir, zhjax base checkpoint, or random init from `model`) with every
+   parameter created directly in its shard, adds LoRA, optionally loads earlier adapters (`adapters_from`);
+   `split_model` separates trainable (float32) from frozen state; the optimizer is built for the trainable state
+   only; `zhjax.train.step.build_train_step` jits the step (the one `zhjax plan` compiles) with explicit in/out
+   shardings and a donated `TrainState` (step, trainable, optimizer state, key).
+2. `restore`: if `output_dir` holds checkpoints (and `overwrite_output_dir` is off) the newest one that restores
+   and matches its checksums is restored, data position and all, so the run continues at the next sample.
+3. `loop`: step (metrics stay on the device), read them and check the loss is finite at logging, evaluation and
+   save steps only, log every `logging_steps`, evaluate every `eval_steps`, `save` every `save_steps` (orbax,
+   async) together with a PEFT adapter export.
 
 `output_dir` may be a URL (`gs://bucket/run`): checkpoints go there directly, process 0's files are staged
 locally and uploaded at each save (`zhjax.train.storage`).
@@ -19,8 +19,10 @@ locally and uploaded at each save (`zhjax.train.storage`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -28,16 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zhjax.config import JobConfig
+from zhjax.config import ModelConfig
 from zhjax.model.llama import LlamaForCausalLM
 from zhjax.model.params import count_params, split_model, trainable_filter
 from zhjax.parallel.mesh import make_mesh
-from zhjax.parallel.rules import batch_sharding, state_shardings
+from zhjax.parallel.rules import state_shardings
 from zhjax.train.checkpoint import RunCheckpointer
+from zhjax.train.config import JobConfig
+from zhjax.train.data_setup import TrainData, build_data
 from zhjax.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from zhjax.train.optim import build_optimizer, learning_rate_schedule
-from zhjax.train.plan import opt_state_shardings
-from zhjax.train.step import make_eval_step, make_train_step
+from zhjax.train.state import TrainState, init_train_state
+from zhjax.train.step import TrainStep, build_eval_step, build_train_step
 from zhjax.train.storage import OutputDir
 from zhjax.train.validate import check_job, clear_run_outputs, jsonable, rewind_metrics, write_run_record
 
@@ -51,8 +55,8 @@ class NonFiniteLossError(RuntimeError):
 
 def build_model(cfg: JobConfig, mesh: jax.sharding.Mesh) -> LlamaForCausalLM:
     """The model of the job, each parameter created or loaded straight into its shard."""
+    from zhjax.convert.base import load_base_checkpoint
     from zhjax.convert.hf import load_params, read_config
-    from zhjax.train.checkpoint import load_base_checkpoint
 
     lora = None if cfg.full_finetuning else cfg.lora
     numerics = dict(dtype=cfg.dtype, param_dtype=cfg.dtype, remat=cfg.remat, remat_names=cfg.remat_names,
@@ -110,27 +114,80 @@ def _place(model, mesh):
     return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
 
 
-def _in_mesh(mesh, fn):
-    """`fn` traced and run with `mesh` as the context mesh (per-device kernels such as splash shard_map over it)."""
-
-    def call(*args):
-        with jax.set_mesh(mesh):
-            return fn(*args)
-
-    return call
-
-
 def _value(v):
     return v.get_value() if hasattr(v, "get_value") else v.value
 
 
-# ----------------------------------------------------------------------------------------------- loop
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+@dataclasses.dataclass
+class Run:
+    """One job, set up: where it writes, its mesh and data, the frozen base, the state and the jitted steps."""
+
+    cfg: JobConfig
+    kind: str
+    out: OutputDir
+    is_main: bool
+    mesh: jax.sharding.Mesh
+    data: TrainData
+    model_cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    frozen: nnx.State
+    state: TrainState
+    train_step: TrainStep
+    eval_step: Callable
+    ckpt: RunCheckpointer
+    total_steps: int
+    logger: MetricsLogger | None = None
+    last_saved: int | None = None
 
 
 def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
     """Run one training job; returns a summary (final step, last losses, output paths)."""
-    from zhjax.train.data_setup import build_data
+    run = set_up(cfg, kind)
+    start_step = restore(run)
+    losses = loop(run, start_step)
+    run.ckpt.close()
+    run.logger.close()
+    if run.is_main:
+        run.out.close()
+    return {"step": run.total_steps, "losses": losses, "output_dir": str(run.out), "last_checkpoint": run.last_saved}
 
+
+def set_up(cfg: JobConfig, kind: str) -> Run:
+    """Check the job, prepare `output_dir`, build the mesh, model, data, initial state and the jitted steps."""
+    out, export_random_base = _prepare_output(cfg, kind)
+    is_main = jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch = cfg.per_device_train_batch_size * len(mesh.devices.flat)
+    if global_batch % data_parallel:
+        raise ValueError(f"global batch {global_batch} is not divisible by the data-parallel size {data_parallel}")
+
+    model = build_model(cfg, mesh)
+    if export_random_base:
+        export_base(model, cfg, out, is_main)
+    data = build_data(cfg, kind, model.config, mesh, global_batch * cfg.optim.gradient_accumulation_steps)
+    model_cfg, lora = model.config, model.lora
+    graphdef, trainable, frozen = split_model(model, trainable_filter(lora, cfg.full_finetuning))
+    del model
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # master weights in float32
+
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    tx = build_optimizer(cfg.optim, trainable, total_steps)
+    train_step = build_train_step(graphdef, tx, trainable, frozen, mesh, lora=lora,
+                                  skip_nonfinite=cfg.skip_nonfinite, loss_chunk=cfg.loss_chunk_size)
+    state = init_train_state(tx, trainable, cfg.seed, train_step.state_shardings)
+    ckpt = RunCheckpointer(out.location("checkpoints"), max_to_keep=cfg.save_total_limit,
+                           async_save=cfg.async_checkpointing)
+    return Run(cfg, kind, out, is_main, mesh, data, model_cfg, graphdef, frozen, state, train_step,
+               build_eval_step(graphdef, train_step, cfg.loss_chunk_size), ckpt, total_steps)
+
+
+def _prepare_output(cfg: JobConfig, kind: str) -> tuple[OutputDir, bool]:
+    """Check the job, clear or create `output_dir`, write the run record; also: must a random base be exported?"""
     out = OutputDir(cfg.output_dir)  # a URL whose filesystem package is missing fails here, before any work
     is_main = jax.process_index() == 0
     check_job(cfg, kind, len(jax.devices()))  # every problem at once, before anything is written or built
@@ -142,125 +199,108 @@ def train(cfg: JobConfig, kind: str = "pretrain") -> dict:
         write_run_record(out.local, cfg, kind, len(jax.devices()))
     export_random_base = cfg.init_from is None and not out.exists("base/config.json")
     _sync("zhjax-output-dir-checked")  # every process decided before process 0 writes base/
+    return out, export_random_base
 
-    mesh = make_mesh(cfg.mesh)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_batch = cfg.per_device_train_batch_size * len(mesh.devices.flat)
-    if global_batch % data_parallel:
-        raise ValueError(f"global batch {global_batch} is not divisible by the data-parallel size {data_parallel}")
-    accum = cfg.optim.gradient_accumulation_steps
 
-    model = build_model(cfg, mesh)
-    if export_random_base:
-        # a randomly initialised base: export it, so the adapters saved below have a base to load onto
-        from zhjax.convert.hf import save_hf
+def restore(run: Run) -> int:
+    """Continue from the newest good checkpoint in `output_dir`, data position and all; returns the start step."""
+    report = print if run.is_main else lambda _: None
+    restored = run.ckpt.restore_latest_good(run.state, report=report)
+    if restored is None:
+        return 0
+    run.last_saved, run.state, meta = restored
+    run.data.load_state_dict(meta["data"])
+    if run.is_main:
+        print(f"resumed from {run.ckpt.directory / str(run.last_saved)} at step {meta['step']}")
+    return meta["step"]
 
-        host_model = _fully_replicated(model)  # every process takes part; process 0 writes
-        if is_main:
-            save_hf(host_model, out.local / "base", tokenizer_dir=cfg.tokenizer, overwrite=True)  # checked by check_job
-        del host_model
-    data = build_data(cfg, kind, model.config, mesh, global_batch * accum)
-    model_cfg = model.config
-    graphdef, trainable, frozen = split_model(model, trainable_filter(model.lora, cfg.full_finetuning))
-    del model
-    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # master weights in float32
-    train_sh, frozen_sh = state_shardings(trainable, mesh), state_shardings(frozen, mesh)
-    trainable = jax.device_put(trainable, train_sh)
 
-    steps_per_epoch = data.steps_per_epoch
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-    tx = build_optimizer(cfg.optim, trainable, total_steps)
-    # moments follow their parameters' shardings; scalars (step counts) are replicated over the mesh
-    opt_sh = opt_state_shardings(jax.eval_shape(tx.init, trainable), trainable, train_sh, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-    schedule = learning_rate_schedule(cfg.optim, total_steps)
+# ----------------------------------------------------------------------------------------------- loop
 
-    ckpt = RunCheckpointer(out.location("checkpoints"), max_to_keep=cfg.save_total_limit, async_save=cfg.async_checkpointing)
-    start_step, latest = 0, None
-    restored = ckpt.restore_latest_good(trainable, opt_state, report=print if is_main else lambda _: None)
-    if restored is not None:  # the newest checkpoint that restores and matches its checksums
-        latest, trainable, opt_state, meta = restored
-        data.load_state_dict(meta["data"])
-        start_step = meta["step"]
-        if is_main:
-            print(f"resumed from {ckpt.directory / str(latest)} at step {start_step}")
 
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
-    step_fn = jax.jit(
-        make_train_step(graphdef, tx, use_dropout=(model_lora_dropout(cfg) > 0), skip_nonfinite=cfg.skip_nonfinite,
-                        loss_chunk=cfg.loss_chunk_size),
-        in_shardings=(train_sh, opt_sh, frozen_sh, micro_sh, repl, repl),
-        out_shardings=(train_sh, opt_sh, repl),
-        donate_argnums=(0, 1),
-    )
-    eval_fn = jax.jit(make_eval_step(graphdef, cfg.loss_chunk_size), in_shardings=(train_sh, frozen_sh, batch_sharding(mesh)))
-    step_fn, eval_fn = _in_mesh(mesh, step_fn), _in_mesh(mesh, eval_fn)
+def loop(run: Run, start_step: int) -> list[float]:
+    """Train from `start_step` to the end: step, log, evaluate and save on schedule; returns the step losses.
 
-    n_train, n_frozen = count_params(trainable), count_params(frozen)
-    seq_len = data.seq_len
-    embed_trainable = any(str(p[0]) == "embed_tokens" for p, _ in nnx.to_flat_state(trainable))
-    fpt = flops_per_token(model_cfg, n_train, n_frozen, seq_len, embed_trainable=embed_trainable)
-    peak = (cfg.peak_tflops_per_device * 1e12) if cfg.peak_tflops_per_device else peak_flops(jax.devices()[0])
-    if is_main:
-        rewind_metrics(out.local, start_step)  # records past the restored step are logged again below
-    logger = MetricsLogger(out.local, enabled=is_main)
-    logger.text(
-        f"{kind}: {total_steps} steps, global batch {global_batch} x {accum} accum x {seq_len} tokens, mesh "
-        f"{dict(mesh.shape)}, trainable {n_train:,} / frozen {n_frozen:,} params, attention {cfg.attention}, remat {cfg.remat}"
-    )
-    if is_main:
-        out.sync()  # a remote run shows its config (and random base) before the first save
-
-    rng = jax.random.key(cfg.seed)
-    last_saved = latest
-    losses, window_tokens, window_start = [], 0.0, time.perf_counter()
-    step = start_step
+    The metrics stay on the device between reads; they are read (and the loss checked) only at logging,
+    evaluation and save steps.
+    """
+    cfg, data, total = run.cfg, run.data, run.total_steps
+    meter = _Meter(run, start_step)
+    losses: list[float] = []
     if cfg.eval_steps > 0 and start_step == 0 and data.has_eval:  # where training starts, for learning curves
-        logger.log({"step": 0, **evaluate(eval_fn, trainable, frozen, data, cfg.max_eval_batches)})
-        window_start = time.perf_counter()
-    pending = []  # (step, metrics) still on the device: read only at logging, evaluation and checkpoint steps
-    for step in logger.progress(range(start_step, total_steps), initial=start_step, total=total_steps):
-        batch = data.next_train_batch()
-        trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng, step)
+        run.logger.log({"step": 0, **evaluate(run.eval_step, run.state.trainable, run.frozen, data,
+                                              cfg.max_eval_batches)})
+        meter.restart()
+    pending = []  # (step, metrics) still on the device
+    for step in run.logger.progress(range(start_step, total), initial=start_step, total=total):
+        run.state, metrics = run.train_step(run.state, run.frozen, data.next_train_batch())
         pending.append((step, metrics))
-        window_tokens += data.global_batch * seq_len  # tokens processed, padding included
+        meter.tokens += data.global_batch * data.seq_len  # tokens processed, padding included
         done = step + 1
-        log_now = done % cfg.logging_steps == 0 or done == total_steps
-        eval_now = cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == total_steps) and data.has_eval
-        save_now = (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total_steps
+        log_now = done % cfg.logging_steps == 0 or done == total
+        eval_now = cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == total) and data.has_eval
+        save_now = (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total
         if not (log_now or eval_now or save_now):
             continue
-        metrics = _read_pending(pending, losses, cfg, logger, ckpt, out, is_main)
+        metrics = _read_pending(pending, losses, cfg, run.logger, run.ckpt, run.out, run.is_main)
         pending = []
         if log_now:
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed
-            record = {
-                "step": done,
-                "loss": float(np.mean(losses[-cfg.logging_steps :])),
-                "lr": float(schedule(step)),
-                "grad_norm": float(metrics["grad_norm"]),
-                "tokens_per_second": tps,
-                "epoch": data.epoch_progress(),
-            }
-            if peak:
-                record["mfu"] = tps * fpt / (peak * len(mesh.devices.flat))
-            logger.log(record)
-            window_tokens, window_start = 0.0, time.perf_counter()
+            run.logger.log(meter.record(done, losses, metrics))
         if eval_now:
             eval_start = time.perf_counter()
-            logger.log({"step": done, **evaluate(eval_fn, trainable, frozen, data, cfg.max_eval_batches)})
-            window_start += time.perf_counter() - eval_start  # evaluation is not training time
+            run.logger.log({"step": done, **evaluate(run.eval_step, run.state.trainable, run.frozen, data,
+                                                     cfg.max_eval_batches)})
+            meter.window_start += time.perf_counter() - eval_start  # evaluation is not training time
         if save_now:
-            logger.flush()  # the records so far are uploaded with this save
-            save(ckpt, done, trainable, opt_state, frozen, graphdef, data, cfg, out, is_main)
-            last_saved = done
-    ckpt.close()
-    logger.close()
-    if is_main:
-        out.close()
-    return {"step": total_steps, "losses": losses, "output_dir": str(out), "last_checkpoint": last_saved}
+            run.logger.flush()  # the records so far are uploaded with this save
+            save(run.ckpt, done, run.state, run)
+            run.last_saved = done
+    return losses
+
+
+class _Meter:
+    """Throughput and MFU of the logging window; opens the run's metrics log (rewound to the start step)."""
+
+    def __init__(self, run: Run, start_step: int):
+        cfg, mesh, d = run.cfg, run.mesh, run.data
+        trainable = run.state.trainable
+        n_train, n_frozen = count_params(trainable), count_params(run.frozen)
+        embed_trainable = any(str(p[0]) == "embed_tokens" for p, _ in nnx.to_flat_state(trainable))
+        self.fpt = flops_per_token(run.model_cfg, n_train, n_frozen, d.seq_len, embed_trainable=embed_trainable)
+        self.peak = (cfg.peak_tflops_per_device * 1e12) if cfg.peak_tflops_per_device else peak_flops(jax.devices()[0])
+        self.devices = len(mesh.devices.flat)
+        self.schedule = learning_rate_schedule(cfg.optim, run.total_steps)
+        self.logging_steps, self.data = cfg.logging_steps, d
+        if run.is_main:
+            rewind_metrics(run.out.local, start_step)  # records past the restored step are logged again
+        run.logger = MetricsLogger(run.out.local, enabled=run.is_main)
+        run.logger.text(
+            f"{run.kind}: {run.total_steps} steps, global batch {d.global_batch // d.accum} x {d.accum} accum x "
+            f"{d.seq_len} tokens, mesh {dict(mesh.shape)}, trainable {n_train:,} / frozen {n_frozen:,} params, "
+            f"attention {cfg.attention}, remat {cfg.remat}"
+        )
+        if run.is_main:
+            run.out.sync()  # a remote run shows its config (and random base) before the first save
+        self.restart()
+
+    def restart(self) -> None:
+        self.tokens, self.window_start = 0.0, time.perf_counter()
+
+    def record(self, done: int, losses: list[float], metrics: dict) -> dict:
+        """The logging record of the window ending at step `done`; starts the next window."""
+        tps = self.tokens / (time.perf_counter() - self.window_start)
+        record = {
+            "step": done,
+            "loss": float(np.mean(losses[-self.logging_steps :])),
+            "lr": float(self.schedule(done - 1)),
+            "grad_norm": float(metrics["grad_norm"]),
+            "tokens_per_second": tps,
+            "epoch": self.data.epoch_progress(),
+        }
+        if self.peak:
+            record["mfu"] = tps * self.fpt / (self.peak * self.devices)
+        self.restart()
+        return record
 
 
 def _read_pending(pending, losses, cfg, logger, ckpt, out, is_main) -> dict:
@@ -287,10 +327,6 @@ def _read_pending(pending, losses, cfg, logger, ckpt, out, is_main) -> dict:
     return read[-1]
 
 
-def model_lora_dropout(cfg: JobConfig) -> float:
-    return 0.0 if cfg.full_finetuning else cfg.lora.lora_dropout
-
-
 def evaluate(eval_fn, trainable, frozen, data, max_batches: int | None) -> dict:
     """Mean token loss and perplexity over the validation set."""
     total, tokens = 0.0, 0.0
@@ -303,26 +339,38 @@ def evaluate(eval_fn, trainable, frozen, data, max_batches: int | None) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def save(ckpt, step, trainable, opt_state, frozen, graphdef, data, cfg, out: OutputDir, is_main: bool) -> None:
-    """An orbax checkpoint (all processes) plus a PEFT adapter beside it (process 0).
+# ----------------------------------------------------------------------------------------------- export
 
-    A remote `out` gets process 0's staged files (adapter, metrics so far) before this returns, so a job
+
+def save(ckpt: RunCheckpointer, step: int, state: TrainState, run: Run) -> None:
+    """An orbax checkpoint of `state` (all processes) plus a PEFT adapter beside it (process 0).
+
+    A remote output dir gets process 0's staged files (adapter, metrics so far) before this returns, so a job
     preempted once the checkpoint is complete has them uploaded too.
     """
-    meta = {"step": step, "data": data.state_dict(), "seed": cfg.seed, "config": jsonable(cfg)}
-    ckpt.save(step, trainable, opt_state, meta)
+    cfg, out = run.cfg, run.out
+    ckpt.save(step, state, {"data": run.data.state_dict(), "seed": cfg.seed, "config": jsonable(cfg)})
     if not cfg.full_finetuning:
         # the adapter export reads every shard of the trainable state: replicate it (all processes take part)
-        model = nnx.merge(graphdef, _fully_replicated(trainable), frozen)
-        if is_main and model.lora is not None:
+        model = nnx.merge(run.graphdef, _fully_replicated(state.trainable), run.frozen)
+        if run.is_main and model.lora is not None:
             from zhjax.convert.peft import save_peft_adapter
 
             base = cfg.init_from or str(out.location("base"))
             # the run's own adapter/ (checked for strangers' files by `check_job` before the run started)
             save_peft_adapter(model, out.local / "adapter", base_model_name_or_path=base,
                               tokenizer_dir=cfg.tokenizer or cfg.init_from, overwrite=True)
-    if is_main:
+    if run.is_main:
         out.sync()
+
+
+def export_base(model: LlamaForCausalLM, cfg: JobConfig, out: OutputDir, is_main: bool) -> None:
+    """A randomly initialised base written to `output_dir/base`, so the adapters saved later have a base to load onto."""
+    from zhjax.convert.hf import save_hf
+
+    host_model = _fully_replicated(model)  # every process takes part; process 0 writes
+    if is_main:
+        save_hf(host_model, out.local / "base", tokenizer_dir=cfg.tokenizer, overwrite=True)  # checked by check_job
 
 
 def _sync(name: str) -> None:
