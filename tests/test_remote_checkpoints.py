@@ -7,6 +7,7 @@ driver, read back and verified.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -21,9 +22,12 @@ class Small(nnx.Module):
 
 
 def state(scale: float):
-    """`(params, adam state)` of a 64 x 64 weight, the shapes a `RunCheckpointer` saves."""
+    """The `TrainState` of a 64 x 64 weight trained by Adam, what a `RunCheckpointer` saves."""
+    from zhjax.train.state import TrainState
+
     params = nnx.state(Small(scale))
-    return params, optax.adam(1e-3).init(nnx.to_pure_dict(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=params,
+                      opt_state=optax.adam(1e-3).init(nnx.to_pure_dict(params)), rng=jax.random.key(0))
 
 
 def test_damaged_newest_remote_checkpoint_is_moved_aside_and_the_older_one_restored(gcs, tmp_path):  # noqa: F811
@@ -32,8 +36,7 @@ def test_damaged_newest_remote_checkpoint_is_moved_aside_and_the_older_one_resto
     fs, root = gcs, f"{BUCKET}/run/checkpoints"
     ckpt = RunCheckpointer(f"gs://{root}", max_to_keep=3, async_save=False)
     for step, scale in ((2, 1.0), (4, 2.0)):
-        params, opt_state = state(scale)
-        ckpt.save(step, params, opt_state, {"step": step})
+        ckpt.save(step, state(scale), {"step": step})
     ckpt.close()
 
     # 64 flipped bytes in the middle of step 4's largest data object
@@ -45,17 +48,15 @@ def test_damaged_newest_remote_checkpoint_is_moved_aside_and_the_older_one_resto
 
     reports = []
     ckpt = RunCheckpointer(f"gs://{root}", max_to_keep=3, async_save=False)
-    target, opt_target = state(0.0)
-    step, params, _, meta = ckpt.restore_latest_good(target, opt_target, report=reports.append)
-    assert step == 2 and meta["step"] == 2
-    np.testing.assert_array_equal(np.asarray(params["w"][...]), np.asarray(state(1.0)[0]["w"][...]))
+    step, restored, meta = ckpt.restore_latest_good(state(0.0), report=reports.append)
+    assert step == 2 and meta["step"] == 2 and int(restored.step) == 2
+    np.testing.assert_array_equal(np.asarray(restored.trainable["w"][...]), np.asarray(state(1.0).trainable["w"][...]))
     assert len(reports) == 1 and f"checkpoint gs://{root}/4 is damaged" in reports[0], reports
     assert ckpt.all_steps() == [2]
     moved = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/damaged", detail=False) if not p.endswith("README.txt")]
     assert len(moved) == 1 and moved[0].startswith("4-"), moved  # kept, not deleted
     assert fs.find(f"{root}/damaged/{moved[0]}/trainable")
-    params, opt_state = state(3.0)  # the run goes on and saves step 4 afresh
-    ckpt.save(4, params, opt_state, {"step": 4})
+    ckpt.save(4, state(3.0), {"step": 4})  # the run goes on and saves step 4 afresh
     ckpt.close()
     assert RunCheckpointer(f"gs://{root}", max_to_keep=3).all_steps() == [2, 4]
 
