@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed (pip install 'zhjax[llamacpp]'; CI installs it)"
+    "llama_cpp", reason="llama-cpp-python is not installed (pip install 'zhjax[llamacpp]'; CI does not build it yet: README \"llama.cpp\")"
 )
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
