@@ -34,16 +34,12 @@ from zhjax.convert.gguf import write_gguf  # noqa: E402
 from zhjax.convert.hf import ConversionError  # noqa: E402
 
 from .llamacpp_ref import convert_hf_to_gguf, greedy, hf_greedy, load  # noqa: E402
+from .test_tokenizer_bpe import MIXED as TOKENIZER_EDGE_CASES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 32
-MIXED = [
-    "混合文本：Hello, 世界! 2024年3月15日，价格是￥1,299.99元。",
-    "emoji 😀🎉👍🏽 and rare characters 𠀀𪚥龘䶮 in one line",
-    "数字 0123456789 与全角数字 １２３ and ＡＢＣ",
-    "Code: def f(x): return x ** 2  # two spaces",
-    "  leading, double  and trailing spaces  ",
-    "tabs\tand\nnewlines, Ωmega, naïve café, Привет, こんにちは",
+# the tokenizer tests' edge cases (SmolLM2's chat markers left out: the SentencePiece model has none), and punctuation
+MIXED = [line for line in TOKENIZER_EDGE_CASES if "<|im_start|>" not in line] + [
     "科学家 improves科学技术。 “引号” 《书名》 ——破折号…… ",
 ]
 ENGLISH = [line for mod in (json, textwrap, inspect) for line in inspect.getdoc(mod).splitlines() if line.strip()]
