@@ -84,6 +84,9 @@ class OptimConfig:
     # parameter group would have it (the same schedule shape). On the demo neither 5e-3 nor 2e-4 beat the shared
     # 1e-3 (README: "The demo, measured"), so it is off by default.
     embedding_learning_rate: float | None = None
+    # move a row of `embed_tokens`/`lm_head` only in the steps whose batch reads (embedding) or predicts (head) its
+    # token, as torch's SparseAdam does for sparse embeddings (`zhjax.train.step.lazy_vocab_rows`)
+    lazy_vocab_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.lr_scheduler_type not in LR_SCHEDULER_TYPES:
@@ -99,6 +102,8 @@ class OptimConfig:
             )
         if self.embedding_learning_rate and not self.learning_rate:
             raise ValueError("optim.embedding_learning_rate needs learning_rate > 0 (it is applied as a ratio to it)")
+        if not isinstance(self.lazy_vocab_rows, bool):
+            raise ValueError(f"optim.lazy_vocab_rows must be true or false, got {self.lazy_vocab_rows!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):

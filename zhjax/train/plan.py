@@ -198,7 +198,8 @@ def lower_job(cfg: JobConfig, kind: str, devices: Sequence) -> LoweredJob:
     trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)
     tx = build_optimizer(cfg.optim, trainable, max(cfg.max_steps, 1))
     train_step = build_train_step(graphdef, tx, trainable, frozen, mesh, lora=abstract.lora,
-                                  skip_nonfinite=cfg.skip_nonfinite, loss_chunk=cfg.loss_chunk_size)
+                                  skip_nonfinite=cfg.skip_nonfinite, loss_chunk=cfg.loss_chunk_size,
+                                  lazy_vocab=cfg.optim.lazy_vocab_rows)
     state = abstract_train_state(tx, trainable, train_step.state_shardings)
     frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen,
                           train_step.frozen_shardings)

@@ -25,7 +25,7 @@ from flax import nnx
 from zhjax.config import LoraConfig
 from zhjax.parallel.rules import batch_sharding, microbatch_sharding, state_shardings
 from zhjax.train.loss import chunked_head_loss
-from zhjax.train.optim import accumulate_gradients, global_norm
+from zhjax.train.optim import accumulate_gradients, global_norm, parameter_name
 from zhjax.train.state import TrainState, train_state_shardings
 
 IGNORE_INDEX = -100
@@ -71,16 +71,49 @@ def loss_sum_fn(graphdef, trainable, frozen, batch, dropout_rng, loss_chunk: int
     return loss, weight.sum()
 
 
+def vocab_row_masks(batch: dict[str, jax.Array], vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """`(inputs, targets)`: boolean `[vocab]` masks of the tokens a step's batch reads and the tokens it predicts."""
+    targets, weight = next_token_targets(jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch))
+    none = jnp.zeros((vocab_size,), bool)
+    inputs = none.at[batch["input_ids"].reshape(-1)].set(True, mode="drop")
+    # an ignored target points past the end and is dropped
+    outputs = none.at[jnp.where(weight, targets, vocab_size).reshape(-1)].set(True, mode="drop")
+    return inputs, outputs
+
+
+def lazy_vocab_rows(tree, inputs: jax.Array, outputs: jax.Array):
+    """`tree` (gradients or updates of the trainable state) with the rows of absent tokens set to zero.
+
+    `embed_tokens` keeps the rows of the tokens the batch reads, `lm_head` (a `[hidden, vocab]` kernel) the
+    columns of the tokens it predicts; a tied embedding (no `lm_head`) keeps both. Every other leaf is unchanged.
+    """
+    names = [parameter_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    tied = not any(n.endswith("lm_head.kernel") for n in names)
+
+    def keep(path, x):
+        name = parameter_name(path)
+        if name.endswith("embed_tokens.embedding"):
+            rows = (inputs | outputs) if tied else inputs
+            return jnp.where(rows[:, None], x, jnp.zeros((), x.dtype))
+        if name.endswith("lm_head.kernel"):
+            return jnp.where(outputs[None, :], x, jnp.zeros((), x.dtype))
+        return x
+
+    return jax.tree_util.tree_map_with_path(keep, tree)
+
+
 def make_train_step(
     graphdef, optimizer: optax.GradientTransformation, *, use_dropout: bool, skip_nonfinite: bool = False,
-    loss_chunk: int = 0,
+    loss_chunk: int = 0, lazy_vocab: bool = False,
 ) -> Callable:
     """`step(state, frozen, batch) -> (state, metrics)` over a `TrainState`, unjitted (`build_train_step` jits it).
 
     Gradients exist only for `state.trainable`; the frozen state is an input that is never updated. Update k's
     dropout keys come from `fold_in(state.rng, k)`. With `skip_nonfinite` a step whose loss or gradient norm is not
     finite leaves the weights and optimizer state unchanged (the step still counts). `loss_chunk`: see
-    `loss_sum_fn`.
+    `loss_sum_fn`. `lazy_vocab` (`optim.lazy_vocab_rows`): a vocabulary row moves only in the steps whose batch
+    holds its token (`lazy_vocab_rows`): its gradient and its update are zero in the others, momentum and weight
+    decay included.
     """
 
     def step(state: TrainState, frozen, batch):
@@ -94,8 +127,13 @@ def make_train_step(
         accum = batch["input_ids"].shape[0]
         rngs = jax.random.split(jax.random.fold_in(state.rng, state.step), accum)
         loss, grads, tokens = accumulate_gradients(grad_fn, trainable, (batch, rngs))
+        if lazy_vocab:
+            masks = vocab_row_masks(batch, trained_vocab_size(trainable))
+            grads = lazy_vocab_rows(grads, *masks)
         grad_norm = global_norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        if lazy_vocab:
+            updates = lazy_vocab_rows(updates, *masks)
         new_trainable = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
@@ -105,6 +143,17 @@ def make_train_step(
         return TrainState(state.step + 1, new_trainable, new_opt_state, state.rng), metrics
 
     return step
+
+
+def trained_vocab_size(trainable) -> int:
+    """The vocabulary size read off the trainable `embed_tokens`/`lm_head` leaves (ValueError if neither trains)."""
+    for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+        name = parameter_name(path)
+        if name.endswith("embed_tokens.embedding"):
+            return x.shape[0]
+        if name.endswith("lm_head.kernel"):
+            return x.shape[1]
+    raise ValueError("optim.lazy_vocab_rows needs embed_tokens or lm_head among the trained modules")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +182,7 @@ class TrainStep:
 
 def build_train_step(
     graphdef, tx: optax.GradientTransformation, trainable, frozen, mesh: jax.sharding.Mesh, *,
-    lora: LoraConfig | None, skip_nonfinite: bool = False, loss_chunk: int = 0,
+    lora: LoraConfig | None, skip_nonfinite: bool = False, loss_chunk: int = 0, lazy_vocab: bool = False,
 ) -> TrainStep:
     """The one jitted train step of zhjax: the trainer runs it, the planner compiles it, the benchmarks time it.
 
@@ -144,7 +193,10 @@ def build_train_step(
     frozen_sh = state_shardings(frozen, mesh)
     micro_sh = microbatch_sharding(mesh)
     use_dropout = lora is not None and lora.lora_dropout > 0
-    fn = make_train_step(graphdef, tx, use_dropout=use_dropout, skip_nonfinite=skip_nonfinite, loss_chunk=loss_chunk)
+    if lazy_vocab:
+        trained_vocab_size(trainable)  # the error before any compilation
+    fn = make_train_step(graphdef, tx, use_dropout=use_dropout, skip_nonfinite=skip_nonfinite, loss_chunk=loss_chunk,
+                         lazy_vocab=lazy_vocab)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(fn, in_shardings=(state_sh, frozen_sh, micro_sh), out_shardings=(state_sh, replicated),
                      donate_argnums=0)

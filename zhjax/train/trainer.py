@@ -178,7 +178,8 @@ def set_up(cfg: JobConfig, kind: str) -> Run:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     tx = build_optimizer(cfg.optim, trainable, total_steps)
     train_step = build_train_step(graphdef, tx, trainable, frozen, mesh, lora=lora,
-                                  skip_nonfinite=cfg.skip_nonfinite, loss_chunk=cfg.loss_chunk_size)
+                                  skip_nonfinite=cfg.skip_nonfinite, loss_chunk=cfg.loss_chunk_size,
+                                  lazy_vocab=cfg.optim.lazy_vocab_rows)
     state = init_train_state(tx, trainable, cfg.seed, train_step.state_shardings)
     ckpt = RunCheckpointer(out.location("checkpoints"), max_to_keep=cfg.save_total_limit,
                            async_save=cfg.async_checkpointing)
