@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed (pip install 'zhjax[llamacpp]'; CI does not build it yet: README \"llama.cpp\")"
+    "llama_cpp", reason="llama-cpp-python is not installed (the `llamacpp` extra; `make test` builds it: README \"llama.cpp\")"
 )
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -250,8 +250,11 @@ def test_file_agrees_with_llama_cpps_converter_key_by_key(name, dtype, hf_dirs, 
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_k_m"])
-def test_quantized_files_run_and_stay_near_f16(dtype, hf_dirs, exported):
-    """Each quantized file loads in llama.cpp and its logits stay close to the f16 file's (relative error)."""
+def test_quantized_files_run_in_llama_cpp_near_f16(dtype, hf_dirs, exported):
+    """Each quantized file loads in llama.cpp, holds the type asked for, and its logits stay near the f16 file's.
+
+    (The bounds are loose: a short prompt's logit error through 30 layers moves by a third between quantizers
+    whose weights agree to 0.1%; the next test compares the weights themselves.)"""
     ids = transformers.AutoTokenizer.from_pretrained(hf_dirs["smollm2_zh/untied"])(PROMPTS[0] + PROMPTS[1]).input_ids
 
     def logits(path: Path) -> np.ndarray:
@@ -261,10 +264,28 @@ def test_quantized_files_run_and_stay_near_f16(dtype, hf_dirs, exported):
 
     ref, got = logits(exported("smollm2_zh/untied", "f16")), logits(exported("smollm2_zh/untied", dtype))
     error = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    bound = {"q8_0": 0.02, "q4_0": 0.25, "q4_k_m": 0.25}[dtype]
-    assert error < bound, error
+    assert 0 < error < {"q8_0": 0.05, "q4_0": 0.5, "q4_k_m": 0.5}[dtype], error
     types = {t.tensor_type.name for t in gguf.GGUFReader(exported("smollm2_zh/untied", dtype)).tensors}
     assert dtype.split("_k")[0].upper() in {t.split("_K")[0] for t in types}, types
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_gguf_package_quantization_is_as_good_as_llama_cpps_own(dtype, hf_dirs, exported, tmp_path):
+    """A file the gguf package quantized has, tensor by tensor, the types llama.cpp's own quantizer gives the same
+    f16 file and an error against the f16 weights no larger (within 1%) than that quantizer's."""
+    from gguf.quants import dequantize
+
+    from zhjax.convert.gguf_quant import llama_cpp_quantize
+
+    f16 = exported("smollm2_zh/untied", "f16")
+    llama_cpp_quantize(f16, tmp_path / "own.gguf", dtype)
+    tensors = lambda path: {t.name: t for t in gguf.GGUFReader(path).tensors}
+    ref, ours, own = tensors(f16), tensors(exported("smollm2_zh/untied", dtype)), tensors(tmp_path / "own.gguf")
+    assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in own.items()}
+    for name, t in ref.items():
+        r = np.asarray(t.data, np.float32).reshape(-1)
+        err = lambda q: np.linalg.norm(dequantize(q.data, q.tensor_type).reshape(-1) - r) / np.linalg.norm(r)
+        assert err(ours[name]) <= 1.01 * err(own[name]) + 1e-6, (name, err(ours[name]), err(own[name]))
 
 
 def test_bad_input_is_refused_before_anything_is_written(hf_dirs, tmp_path):

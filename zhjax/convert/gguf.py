@@ -126,9 +126,10 @@ def _sentencepiece_tokens(model_dir: Path, tokenizer_json: dict) -> GGUFTokenize
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
     for token_id, (content, special) in sorted(_added_tokens(model_dir, tokenizer_json).items()):
-        if token_id < len(tokens):  # a piece the HF tokenizer also lists as added (<unk>, <s>, </s>): typed as
-            types[token_id] = CONTROL if special else USER_DEFINED  # llama.cpp's converter types it
-            scores[token_id] = -1000.0
+        if token_id < len(tokens):  # a piece the HF tokenizer also lists as added (<unk>, <s>, </s>)
+            if types[token_id] == NORMAL:  # SentencePiece's own control/unknown pieces keep type and score, as
+                types[token_id] = CONTROL if special else USER_DEFINED  # llama.cpp's converter keeps them
+                scores[token_id] = -1000.0
             continue
         if token_id != len(tokens):
             raise ConversionError(f"{model_dir}: added token {content!r} has id {token_id}, leaving a gap after {len(tokens) - 1}")
