@@ -282,10 +282,13 @@ def test_gguf_package_quantization_is_as_good_as_llama_cpps_own(dtype, hf_dirs, 
     tensors = lambda path: {t.name: t for t in gguf.GGUFReader(path).tensors}
     ref, ours, own = tensors(f16), tensors(exported("smollm2_zh/untied", dtype)), tensors(tmp_path / "own.gguf")
     assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in own.items()}
+    def error(q, r: np.ndarray) -> float:
+        return float(np.linalg.norm(dequantize(q.data, q.tensor_type).reshape(-1) - r) / np.linalg.norm(r))
+
     for name, t in ref.items():
         r = np.asarray(t.data, np.float32).reshape(-1)
-        err = lambda q: np.linalg.norm(dequantize(q.data, q.tensor_type).reshape(-1) - r) / np.linalg.norm(r)
-        assert err(ours[name]) <= 1.01 * err(own[name]) + 1e-6, (name, err(ours[name]), err(own[name]))
+        mine, theirs = error(ours[name], r), error(own[name], r)
+        assert mine <= 1.01 * theirs + 1e-6, (name, mine, theirs)
 
 
 def test_bad_input_is_refused_before_anything_is_written(hf_dirs, tmp_path):
