@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import TokenType
 
 from zhjax.config import ModelConfig, RopeScaling
 from zhjax.convert.gguf_quant import (
@@ -52,7 +53,10 @@ from zhjax.convert.gguf_quant import (
 from zhjax.convert.hf import CheckpointReader, ConversionError, read_config
 
 __all__ = ["GGUF_DTYPES", "GGUFTokenizer", "read_gguf_tokenizer", "rope_interleave_rows", "write_gguf"]
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF token types (= SentencePiece's)
+# GGUF's token types, from the gguf package (the same numbers as SentencePiece's piece types)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (int(t) for t in (
+    TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED, TokenType.BYTE
+))
 
 
 @dataclass

@@ -59,7 +59,10 @@ __all__ = [
     "tokenization_report",
 ]
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_PIECE = sp_pb2.ModelProto.SentencePiece  # SentencePiece's own piece types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
+    _PIECE.NORMAL, _PIECE.UNKNOWN, _PIECE.CONTROL, _PIECE.USER_DEFINED, _PIECE.UNUSED, _PIECE.BYTE
+)
 SCORE_MODES = ("rank", "seed")
 PAD_TOKEN = "[PAD]"
 _LATIN = re.compile(r"[A-Za-z]")
