@@ -91,6 +91,17 @@ def test_ignored_labels_are_not_targets_and_a_tied_row_moves_for_either_use():
     assert moved(v0["embed"], vocab_leaves(state)["embed"]) == set(range(1, 7)) | set(range(40, 46))
 
 
+def test_with_a_frozen_untied_head_only_the_rows_read_move():
+    step, state, frozen = build(tied=False, lazy=True, modules_to_save=("embed_tokens",))
+    v0 = vocab_leaves(state)
+    assert "head" not in v0  # the head is frozen, not tied
+    ids = FIRST.copy()
+    ids[1] = [40, 41, 42, 43, 44, 45]
+    labels = FIRST.copy()  # row one predicts 8, 9, 1, 2, 3, which it does not read
+    state, _ = step(state, frozen, batch_of(ids, labels))
+    assert moved(v0["embed"], vocab_leaves(state)["embed"]) == set(range(1, 7)) | set(range(40, 46))
+
+
 def test_refused_without_trained_vocabulary_rows():
     with pytest.raises(ValueError, match="lazy_vocab_rows needs embed_tokens or lm_head"):
         build(tied=False, lazy=True, modules_to_save=())

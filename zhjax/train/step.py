@@ -81,14 +81,13 @@ def vocab_row_masks(batch: dict[str, jax.Array], vocab_size: int) -> tuple[jax.A
     return inputs, outputs
 
 
-def lazy_vocab_rows(tree, inputs: jax.Array, outputs: jax.Array):
+def lazy_vocab_rows(tree, inputs: jax.Array, outputs: jax.Array, *, tied: bool):
     """`tree` (gradients or updates of the trainable state) with the rows of absent tokens set to zero.
 
     `embed_tokens` keeps the rows of the tokens the batch reads, `lm_head` (a `[hidden, vocab]` kernel) the
-    columns of the tokens it predicts; a tied embedding (no `lm_head`) keeps both. Every other leaf is unchanged.
+    columns of the tokens it predicts; a `tied` embedding (the model has no `lm_head`) keeps both. Every other leaf
+    is unchanged.
     """
-    names = [parameter_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    tied = not any(n.endswith("lm_head.kernel") for n in names)
 
     def keep(path, x):
         name = parameter_name(path)
@@ -129,11 +128,13 @@ def make_train_step(
         loss, grads, tokens = accumulate_gradients(grad_fn, trainable, (batch, rngs))
         if lazy_vocab:
             masks = vocab_row_masks(batch, trained_vocab_size(trainable))
-            grads = lazy_vocab_rows(grads, *masks)
+            tied = not any(parameter_name(p).endswith("lm_head.kernel")
+                           for tree in (trainable, frozen) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+            grads = lazy_vocab_rows(grads, *masks, tied=tied)
         grad_norm = global_norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         if lazy_vocab:
-            updates = lazy_vocab_rows(updates, *masks)
+            updates = lazy_vocab_rows(updates, *masks, tied=tied)
         new_trainable = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
