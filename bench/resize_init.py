@@ -5,7 +5,7 @@
 
 Issue 3, point 4. SmolLM2's byte-level BPE is extended with `--new-tokens` Chinese tokens learned on the first
 `--train-lines` paragraphs of the corpus (`zhjax.tokenizer.bpe`, as `tools/merge_tokenizers.py --kind bpe`
-does), the model is grown with each init (`zhjax.tokenizer.resize_model.resize_model`; `distill`, which fits the
+does), the model is grown with each init (`zhjax.convert.resize_model.resize_model`; `distill`, which fits the
 new rows to the base model on those paragraphs and unties the head, through `resize_hf_checkpoint` as the recipe
 and `tools/resize_model.py` do, timed), and the zhjax model
 (fp32) scores the last `--eval-lines` paragraphs, which the merges never saw. Every token is predicted, the first
@@ -27,9 +27,9 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 import zhjax
+from zhjax.convert.resize_model import resize_hf_checkpoint, resize_model
 from zhjax.tokenizer.bpe import extend_bpe_tokenizer
 from zhjax.tokenizer.resize import INITS, subword_source_ids
-from zhjax.tokenizer.resize_model import resize_hf_checkpoint, resize_model
 
 
 def summed_nll(model, tokenizer, lines: list[str], batch_size: int, bucket: int = 64) -> tuple[float, int]:

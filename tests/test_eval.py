@@ -248,7 +248,7 @@ def test_rolling_loglikelihood_and_greedy_generation_equal_the_harness_hf_models
 
 def test_recipe_cloze_accuracy_scores_each_model_on_the_test_split(assets, corpus, tmp_path):
     from zhjax.recipe import format_results
-    from zhjax.recipe_cloze import build_cloze_set, cloze_accuracy
+    from zhjax.recipe.cloze import build_cloze_set, cloze_accuracy
 
     build_cloze_set(corpus, tmp_path / "cloze", questions=2, shots=0, seed=0)
     manifest = json.loads((tmp_path / "cloze" / "manifest.json").read_text(encoding="utf-8"))

@@ -91,8 +91,8 @@ def smollm2_zh(assets, tmp_path_factory) -> dict[str, Path]:
     """SmolLM2 extended by 1000 Chinese tokens: tied (subword rows) and untied (own, perturbed lm_head)."""
     from safetensors.numpy import load_file, save_file
 
+    from zhjax.convert.resize_model import resize_hf_checkpoint
     from zhjax.tokenizer.bpe import extend_bpe_tokenizer
-    from zhjax.tokenizer.resize_model import resize_hf_checkpoint
 
     root = tmp_path_factory.mktemp("smollm2_zh")
     paragraphs = [x for x in assets.corpus_text.read_text(encoding="utf-8").splitlines() if x.strip()]

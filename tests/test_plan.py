@@ -22,7 +22,7 @@ GIB = 1024**3
 def test_plan_cli_on_the_tiny_preset_with_8_cpu_devices_ends_with_the_verdict_line(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-m", "zhjax.plan_cli", "--config", "configs/pretrain/tiny.yaml", "--cpu-devices", "8",
+        [sys.executable, "-m", "zhjax.train.plan_cli", "--config", "configs/pretrain/tiny.yaml", "--cpu-devices", "8",
          "--json", str(tmp_path / "plan.json")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )
@@ -116,7 +116,7 @@ def test_plan_arguments_are_exactly_the_trainer_state_and_batch(kind, monkeypatc
 
 
 def test_plan_main_says_does_not_fit_and_exits_1_when_memory_is_too_small(capsys, monkeypatch):
-    from zhjax.plan_cli import plan_main
+    from zhjax.train.plan_cli import plan_main
 
     monkeypatch.chdir(REPO)
     rc = plan_main(["--config", "configs/pretrain/tiny.yaml", "--cpu-devices", "1", "--memory-gib", "0.001"])
@@ -125,7 +125,7 @@ def test_plan_main_says_does_not_fit_and_exits_1_when_memory_is_too_small(capsys
 
 
 def test_plan_refuses_a_bad_config_with_status_2(capsys, monkeypatch):
-    from zhjax.plan_cli import plan_main
+    from zhjax.train.plan_cli import plan_main
 
     monkeypatch.chdir(REPO)
     assert plan_main(["--config", "configs/pretrain/tiny.yaml", "--cpu-devices", "1", "optim.lr_scheduler_type=x"]) == 2
@@ -223,9 +223,9 @@ needs_libtpu = pytest.mark.skipif(
 def _plan_on(topology: str, config: str, kind: str, overrides=(), **changes):
     import jax
 
-    from zhjax.plan_cli import tpu_target
     from zhjax.train.config import load_job_config
     from zhjax.train.plan import plan_job
+    from zhjax.train.plan_cli import tpu_target
 
     if jax.default_backend() != "cpu":
         pytest.skip("TPU plans are checked on a CPU host")
@@ -260,7 +260,7 @@ def test_splash_lowers_to_the_mosaic_kernel_for_tpu_devices_from_a_cpu_host():
 
     from zhjax.model.splash import splash_attention
     from zhjax.parallel.mesh import MeshConfig, make_mesh
-    from zhjax.plan_cli import tpu_target
+    from zhjax.train.plan_cli import tpu_target
 
     if jax.default_backend() != "cpu":
         pytest.skip("TPU plans are checked on a CPU host")

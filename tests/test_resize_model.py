@@ -1,4 +1,4 @@
-"""Model-level resize (zhjax.tokenizer.resize_model, tools/resize_model.py) on a tiny random HF LLaMA.
+"""Model-level resize (zhjax.convert.resize_model, tools/resize_model.py) on a tiny random HF LLaMA.
 
 References: `transformers` makes the base model and loads the resized dir; the bundled tiny byte-level BPE
 tokenizer (configs/tiny/tokenizer, 400 tokens) is extended with `zhjax.tokenizer.bpe` on a few hundred lines of
@@ -18,9 +18,9 @@ from transformers import AutoTokenizer
 
 import zhjax
 from tools.resize_model import main as resize_tool
+from zhjax.convert.resize_model import check_extends, resize_hf_checkpoint, resize_model
 from zhjax.tokenizer.bpe import extend_bpe_tokenizer
 from zhjax.tokenizer.resize import INITS, subword_source_ids
-from zhjax.tokenizer.resize_model import check_extends, resize_hf_checkpoint, resize_model
 
 torch = pytest.importorskip("torch")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402

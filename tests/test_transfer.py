@@ -15,8 +15,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.test_resize_model import CHINESE, OLD_VOCAB, make_hf_model
+from zhjax.convert.resize_model import resize_hf_checkpoint
 from zhjax.tokenizer.bpe import extend_bpe_tokenizer
-from zhjax.tokenizer.resize_model import resize_hf_checkpoint
 from zhjax.tokenizer.transfer import TransferConfig, align_chunks
 
 torch = pytest.importorskip("torch")

@@ -58,7 +58,7 @@ def test_zhjax_sampling_never_writes_broken_characters(tok):
 def test_transformers_processor_keeps_greedy_answers_valid(tok):
     import torch
 
-    from zhjax.evaluate import generate_answers
+    from zhjax.eval.hf import generate_answers
 
     config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

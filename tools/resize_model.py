@@ -1,4 +1,4 @@
-"""Grow an HF model's embed_tokens and lm_head to an extended tokenizer (zhjax.tokenizer.resize_model).
+"""Grow an HF model's embed_tokens and lm_head to an extended tokenizer (zhjax.convert.resize_model).
 
     python tools/resize_model.py --base HF_MODEL_DIR --tokenizer NEW_TOKENIZER_DIR --out DIR \
         --sample-file TRAIN.txt [--init distill|subword|mean|normal] [--seed 0] [--base-tokenizer DIR]
@@ -19,7 +19,7 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, resize, print what was written."""
-    from zhjax.tokenizer.resize_model import ALL_INITS
+    from zhjax.convert.resize_model import ALL_INITS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="HF model dir (config.json + safetensors or .bin)")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from zhjax.convert.hf import ConversionError
-    from zhjax.tokenizer.resize_model import resize_hf_checkpoint
+    from zhjax.convert.resize_model import resize_hf_checkpoint
 
     start = time.perf_counter()
     try:

@@ -1,6 +1,6 @@
 """The `zhjax` command: `zhjax pretrain | sft | recipe | plan | generate | chat | serve | eval | lm-eval ...`.
 
-Argument parsing only; the work is in `zhjax.train.trainer`, `zhjax.recipe`, `zhjax.plan_cli`, `zhjax.infer` and `zhjax.eval`.
+Argument parsing only; the work is in `zhjax.train.trainer`, `zhjax.recipe`, `zhjax.train.plan_cli`, `zhjax.infer` and `zhjax.eval`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _recipe(argv: list[str]) -> int:
 
 
 def _plan(argv: list[str]) -> int:
-    from zhjax.plan_cli import plan_main
+    from zhjax.train.plan_cli import plan_main
 
     return plan_main(argv)
 

@@ -32,18 +32,9 @@ from flax import nnx
 from zhjax.config import LoraConfig, ModelConfig, RopeScaling
 from zhjax.model.lora import fold_lora
 from zhjax.ownership import staged_dir
+from zhjax.tokenizer.files import TOKENIZER_FILES
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 _ST_DTYPES = {
     "F64": np.float64,
     "F32": np.float32,

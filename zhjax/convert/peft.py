@@ -38,9 +38,10 @@ from flax import nnx
 
 from zhjax._extras import require
 from zhjax.config import LORA_TARGETS, ModelConfig
-from zhjax.convert.hf import TOKENIZER_FILES, ConversionError, _SafetensorsFile
+from zhjax.convert.hf import ConversionError, _SafetensorsFile
 from zhjax.model.lora import lora_delta
 from zhjax.ownership import staged_dir
+from zhjax.tokenizer.files import TOKENIZER_FILES
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"

@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from zhjax.infer.chat import CHOICES, Conversation, build_prompt, run_chat
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+from zhjax.tokenizer.files import TOKENIZER_MODEL_FILES
 
 
 def _default_dtype() -> str:
@@ -49,7 +48,7 @@ def _add_model_args(parser: argparse.ArgumentParser, *, default_template: str | 
 
 
 def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).exists() for name in TOKENIZER_FILES)
+    return any((directory / name).exists() for name in TOKENIZER_MODEL_FILES)
 
 
 def _rebuild(model, config, lora):

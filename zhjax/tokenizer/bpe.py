@@ -31,17 +31,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from zhjax.ownership import check_output_dir, staged_dir
+from zhjax.tokenizer.files import TOKENIZER_FILES
 from zhjax.tokenizer.train import iter_corpus_lines
 
 __all__ = ["BpeExtensionResult", "byte_level_decoder_table", "extend_bpe_tokenizer", "learn_chinese_merges"]
 
-TOKENIZER_FILES = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+# written here (the extended segmentation); every other tokenizer file of the base is copied as it is
+_REWRITTEN = ("tokenizer.json", "vocab.json", "merges.txt")
 # private-use code points that stand for base tokens while the trainer runs
 _PRIVATE_USE = [range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE)]
 
@@ -268,7 +264,7 @@ def extend_bpe_tokenizer(
 
     with staged_dir(out, inputs=[base_dir], overwrite=overwrite) as tmp:
         for name in TOKENIZER_FILES:
-            if (base_dir / name).is_file():
+            if name not in _REWRITTEN and (base_dir / name).is_file():
                 shutil.copyfile(base_dir / name, tmp / name)
         (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
         if (base_dir / "vocab.json").is_file():

@@ -34,7 +34,7 @@ What the init did not change: after 10 steps of the demo's pre-training (learnin
 measured (new rows alone, the seen old rows refitted too, input rows distilled) reached the same held-out loss
 within 0.02 bits per character; the init decides where training starts, not yet where this short run ends.
 
-`zhjax.tokenizer.resize_model.resize_hf_checkpoint(..., init="distill", sample_files=...)` writes the rows
+`zhjax.convert.resize_model.resize_hf_checkpoint(..., init="distill", sample_files=...)` writes the rows
 into an untied HF checkpoint; the recipe's resize stage and `tools/resize_model.py` call it.
 """
 

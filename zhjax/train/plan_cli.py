@@ -3,7 +3,7 @@
     zhjax plan --config configs/pretrain/llama-7b-lora.yaml --topology v5e-8
     zhjax plan --config configs/pretrain/tiny.yaml --cpu-devices 8 per_device_train_batch_size=4
     zhjax plan --config configs/sft/llama-13b-lora.yaml --topology v4-8 --max-batch
-    python -m zhjax.plan_cli --table > table.md      # the docs/scale.md table (needs libtpu)
+    python -m zhjax.train.plan_cli --table > table.md      # the docs/scale.md table (needs libtpu)
 
 `--topology` compiles for a TPU slice with compile-only devices (libtpu, the `tpu` extra; no TPU needed);
 `--cpu-devices N` for N simulated CPU devices (re-executed in a fresh process when JAX is already running
@@ -72,7 +72,7 @@ def plan_main(argv: list[str]) -> int:
     if args.cpu_devices and not _use_cpu_devices(args.cpu_devices):
         # JAX is already initialised in this process: plan in a fresh one that can have N devices
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(args.cpu_devices)}
-        return subprocess.run([sys.executable, "-m", "zhjax.plan_cli", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "zhjax.train.plan_cli", *argv], env=env).returncode
     if not args.cpu_devices:
         _compile_only_host()
     if args.table:

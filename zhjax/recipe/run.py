@@ -14,7 +14,7 @@ Stages (the same library calls the tools make; outputs under `work_dir`):
 6. `export`    merge base + PT adapter (+ SFT adapter) into plain HF dirs (`tools/export_hf.py`)
 7. `evaluate`  with `transformers`: tokens per character, held-out bits per character, task scores before and
                after SFT, sample answers; printed as a table and written to `work_dir/results.json`; with
-               `eval.cloze_questions`, also cloze accuracy of the base and adapted models (`zhjax.recipe_cloze`)
+               `eval.cloze_questions`, also cloze accuracy of the base and adapted models (`zhjax.recipe.cloze`)
 
 `compare` adds the seed's central comparison as extra pre-training runs, each exported and scored by held-out
 bits per character beside the main run: `no_extension` (LoRA + embed/head on the base model with its own
@@ -53,7 +53,7 @@ class EvalConfig:
     evaluate_base_tasks: bool = True
     # the tasks scored on the pre-trained model too (before SFT it has not seen the instructions: the demo skips it)
     evaluate_pretrain_tasks: bool = True
-    # cloze accuracy (zhjax.recipe_cloze), base vs adapted: test questions per part of speech (0: off) and shots
+    # cloze accuracy (zhjax.recipe.cloze), base vs adapted: test questions per part of speech (0: off) and shots
     cloze_questions: int = 0
     cloze_shots: int = 5
 
@@ -101,7 +101,7 @@ def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
     if cfg.no_extension_budget not in ("characters", "steps"):
         raise ValueError(f"invalid recipe config {path or ''}: no_extension_budget {cfg.no_extension_budget!r}; "
                          "expected 'characters' or 'steps'")
-    from zhjax.tokenizer.resize_model import ALL_INITS
+    from zhjax.convert.resize_model import ALL_INITS
 
     if cfg.resize_init not in ALL_INITS:
         raise ValueError(f"invalid recipe config {path or ''}: resize_init {cfg.resize_init!r}; expected one of "
@@ -168,7 +168,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     stages.run("tokenizer", {"base": cfg.base_model, "n": cfg.new_tokens, "data": stages.done.get("data")}, build_tokenizer)
 
     def resize():
-        from zhjax.tokenizer.resize_model import resize_hf_checkpoint
+        from zhjax.convert.resize_model import resize_hf_checkpoint
 
         result = resize_hf_checkpoint(cfg.base_model, tok, base_zh, init=cfg.resize_init, seed=cfg.seed,
                                       sample_files=[data / "text" / "train.txt"],
@@ -221,7 +221,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                        tuned_models=tuned)
     results["training_speed"] = {name: _training_speed(out, tokenizer, data) for name, (out, tokenizer) in runs.items()}
     if cfg.eval.cloze_questions:
-        from zhjax.recipe_cloze import build_cloze_set, cloze_accuracy
+        from zhjax.recipe.cloze import build_cloze_set, cloze_accuracy
 
         e = cfg.eval
         stages.run("cloze", {"tagged": cfg.corpus_tagged, "n": e.cloze_questions, "shots": e.cloze_shots, "seed": cfg.seed},
@@ -230,7 +230,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
         results["cloze_accuracy"] = cloze_accuracy({"base model": cfg.base_model, "after pre-training": pt_merged,
                                                     "after SFT": final}, work / "cloze", shots=e.cloze_shots)
     if cfg.curve_lines:
-        from zhjax.recipe_curves import draw_learning_curves, learning_curve
+        from zhjax.recipe.curves import draw_learning_curves, learning_curve
 
         curves = {name: learning_curve(out, tokenizer, data, cfg.pretrain.per_device_train_batch_size
                                        * cfg.pretrain.data.block_size)
@@ -277,7 +277,7 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
         base, tokenizer = work / "base-zh-normal", work / "tokenizer"
 
         def resize():
-            from zhjax.tokenizer.resize_model import resize_hf_checkpoint
+            from zhjax.convert.resize_model import resize_hf_checkpoint
 
             print(resize_hf_checkpoint(cfg.base_model, tokenizer, base, init="normal", seed=cfg.seed, overwrite=True))
 
@@ -352,7 +352,7 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | Non
 
     from zhjax.data.instructions import NAMES_INSTRUCTION, aggregate_scores, score_names, score_segmentation
     from zhjax.data.templates import join_instruction, render_prompt
-    from zhjax.evaluate import bits_per_character, generate_answers, load_hf
+    from zhjax.eval.hf import bits_per_character, generate_answers, load_hf
 
     e = cfg.eval
     lines = [x for x in (data / "text" / "test.txt").read_text(encoding="utf-8").splitlines() if x][: e.heldout_lines]
