@@ -33,31 +33,38 @@ def load_hf(model_dir: str):
     return model, tok
 
 
-def bits_per_character(model, tokenizer, lines: Sequence[str], *, batch_size: int = 8, max_tokens: int = 512) -> BitsPerChar:
+def bits_per_character(model, tokenizer, lines: Sequence[str], *, batch_tokens: int = 2048,
+                       max_tokens: int = 512) -> BitsPerChar:
     """Bits per character of `lines` under `model` (lines longer than `max_tokens` tokens are cut, and so is
-    the character count, proportionally to the kept tokens' text)."""
+    the character count, proportionally to the kept tokens' text).
+
+    Lines are scored longest first in batches of about `batch_tokens` padded tokens, so a batch holds rows of
+    similar length and little padding; the loss is `cross_entropy` over the real tokens only.
+    """
     import torch
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    total_nll, total_chars, total_tokens = 0.0, 0, 0
-    for i in range(0, len(lines), batch_size):
-        chunk = [line for line in lines[i : i + batch_size] if line]
-        encoded = [tokenizer(line, add_special_tokens=False)["input_ids"][:max_tokens] for line in chunk]
-        chars = [len(tokenizer.decode(ids)) for ids in encoded]
-        width = max(len(e) for e in encoded) + 1
-        ids = torch.full((len(encoded), width), start, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for r, e in enumerate(encoded):
-            ids[r, 1 : len(e) + 1] = torch.tensor(e)
+    encoded = [tokenizer(line, add_special_tokens=False)["input_ids"][:max_tokens] for line in lines if line]
+    encoded = [e for e in encoded if e]
+    total_chars = sum(len(tokenizer.decode(e)) for e in encoded)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    total_nll, i = 0.0, 0
+    while i < len(order):
+        width = len(encoded[order[i]]) + 1  # the longest row of this batch, after its start token
+        rows = [encoded[j] for j in order[i : i + max(1, batch_tokens // width)]]
+        i += len(rows)
+        ids = torch.full((len(rows), width), start, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, e in enumerate(rows):
+            ids[r, 1 : len(e) + 1] = labels[r, 1 : len(e) + 1] = torch.tensor(e)
             mask[r, : len(e) + 1] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:]
-        nll = -logp.gather(-1, target[..., None])[..., 0] * mask[:, 1:]
-        total_nll += float(nll.sum())
-        total_chars += sum(chars)
-        total_tokens += sum(len(e) for e in encoded)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                    ignore_index=-100, reduction="sum")
+        total_nll += float(nll)
+    total_tokens = sum(len(e) for e in encoded)
     return BitsPerChar(total_nll / max(total_chars, 1) / math.log(2), total_tokens / max(total_chars, 1),
                        total_chars, total_tokens)
 

@@ -1,0 +1,56 @@
+"""The recipe's held-out bits per character (`zhjax.eval.hf.bits_per_character`), batched longest first, equals
+the same text scored one line at a time by `transformers`' own loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.extras import needs_torch
+
+pytestmark = needs_torch
+
+
+@pytest.fixture(scope="module")
+def smollm2(assets):
+    from zhjax.eval.hf import load_hf
+
+    return load_hf(str(assets.smollm2_dir))
+
+
+def _reference_bits_per_char(model, tok, lines):
+    """Each line alone, BOS first, mean loss times the number of predicted tokens (HF's own shift and loss)."""
+    import torch
+
+    nll, chars = 0.0, 0
+    for line in lines:
+        ids = tok(line, add_special_tokens=False)["input_ids"]
+        row = torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id, *ids]])
+        with torch.no_grad():
+            nll += float(model(input_ids=row, labels=row).loss) * len(ids)
+        chars += len(line)
+    return nll / chars / math.log(2)
+
+
+def test_batched_bits_per_char_equals_line_by_line_loss(assets, smollm2):
+    from zhjax.eval.hf import bits_per_character
+
+    model, tok = smollm2
+    text = assets.corpus_text.read_text(encoding="utf-8").splitlines()
+    lines = [x for x in text[:400] if x][::20][:14] + ["", "短。", "English words, 混合 text."]
+    got = bits_per_character(model, tok, lines, batch_tokens=256)  # several batches of different widths
+    assert got.characters == sum(len(x) for x in lines)
+    assert got.tokens == sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in lines)
+    assert got.bits_per_char == pytest.approx(_reference_bits_per_char(model, tok, [x for x in lines if x]), rel=1e-5)
+
+
+def test_long_lines_are_cut_with_their_characters(smollm2):
+    from zhjax.eval.hf import bits_per_character
+
+    model, tok = smollm2
+    line = "中华人民共和国成立以来，" * 20
+    got = bits_per_character(model, tok, [line], max_tokens=16)
+    kept = tok(line, add_special_tokens=False)["input_ids"][:16]
+    assert got.tokens == 16 and got.characters == len(tok.decode(kept))
+    assert got.bits_per_char == pytest.approx(_reference_bits_per_char(model, tok, [tok.decode(kept)]), rel=1e-5)
