@@ -302,3 +302,38 @@ def test_scores_on_a_four_device_mesh_equal_one_devices(tmp_path):
     assert res["diff"] < 1e-5 and res["greedy_equal"]
     assert res["shapes"] == [[2, 3]] * 5 and res["batch"] == 4  # rounded up to whole rows per data x fsdp shard
     assert res["embed_shard"] == [res["embed"][0], res["embed"][1] // 2]  # FSDP-sharded as the rules say
+
+
+def test_rows_sharing_a_prefix_score_as_the_full_rows_do():
+    import jax
+    from flax import nnx
+
+    from zhjax.config import ModelConfig
+    from zhjax.eval.scoring import Scorer, shared_groups
+    from zhjax.model.llama import LlamaForCausalLM
+    from zhjax.parallel.mesh import MeshConfig, make_mesh
+
+    config = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.2)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    shots, other = rng.integers(0, 96, 40).tolist(), rng.integers(0, 96, 37).tolist()
+    rows = [shots + rng.integers(0, 96, n).tolist() for n in (3, 11, 1, 25, 7)]  # five questions, one prefix
+    rows += [other + rng.integers(0, 96, n).tolist() for n in (4, 9)]  # another subject
+    rows += [rng.integers(0, 96, 20).tolist(), shots[:30]]  # a row alone; one that is all prefix
+    positions = [[len(r) - 1] for r in rows]
+    positions[3] = [len(rows[3]) - 5, len(rows[3]) - 1]  # two read positions
+    positions[5] = [20, len(rows[5]) - 1]  # reads inside the shared part: its group's prefix ends before 20
+    targets = [rng.integers(0, 96, (len(p), 4)) for p in positions]
+
+    groups = sorted((n, sorted(m)) for n, m in shared_groups(rows, positions, min_shared=16))
+    assert groups == [(20, [5, 6]), (29, [0, 1, 2, 3, 4, 8])]  # the all-prefix row keeps one token of its own
+
+    one = make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
+    plain = Scorer(model, batch_size=4, mesh=one, share_prefix=False).score(rows, positions, targets)
+    shared = Scorer(model, batch_size=4, mesh=one, min_shared=16).score(rows, positions, targets)
+    for a, b in zip(plain, shared, strict=True):
+        assert a.logprobs.shape == b.logprobs.shape
+        np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=2e-5)
+        assert (a.greedy == b.greedy).all()

@@ -92,7 +92,7 @@ def test_a_bin_adapter_without_torch_is_refused_naming_the_file(no_torch, tmp_pa
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
     (tmp_path / "adapter_model.bin").write_bytes(b"not read")
-    with pytest.raises(MissingExtra, match=r"adapter_model\.bin: reading a \.bin adapter needs torch"):
+    with pytest.raises(MissingExtra, match=r"adapter_model\.bin: reading a \.bin state dict needs torch"):
         read_peft_adapter(tmp_path)
 
 

@@ -284,3 +284,29 @@ def test_seed_7b_pretraining_fits_v5e_8_at_batch_4_per_chip():
 def test_seed_13b_pretraining_fits_v5e_8():
     plan = _plan_on("v5e-8", "configs/pretrain/llama-13b-lora.yaml", "pretrain", per_device_train_batch_size=1)
     assert plan.fits, plan.last_line()
+
+
+def test_the_planner_lowers_the_program_the_trainer_runs(tmp_path):
+    """`zhjax plan` and `zhjax pretrain` build their step with the same function; for one tiny job their lowered
+    programs (StableHLO text) are the same, shardings, optimizer state and dropout included."""
+    import jax
+
+    from zhjax.train.config import load_job_config
+    from zhjax.train.plan import batch_keys, job_seq_len, lower_job
+    from zhjax.train.trainer import set_up
+
+    cfg = load_job_config("pretrain", str(REPO / "configs/pretrain/tiny.yaml"),
+                          [f"output_dir={tmp_path / 'run'}", "max_steps=7", "per_device_train_batch_size=2",
+                           f"data.data_cache_dir={tmp_path / 'cache'}"])
+    cfg = dataclasses.replace(cfg, tokenizer=str(REPO / cfg.tokenizer),
+                              data=dataclasses.replace(cfg.data, train_files=[str(REPO / f) for f in cfg.data.train_files]))
+    planned = lower_job(cfg, "pretrain", jax.devices()).lowered.as_text()
+
+    run = set_up(cfg, "pretrain")
+    rows = cfg.per_device_train_batch_size * len(run.mesh.devices.flat)
+    shape = (cfg.optim.gradient_accumulation_steps, rows, job_seq_len(cfg, "pretrain"))
+    batch = {k: jax.ShapeDtypeStruct(shape, "int32", sharding=run.train_step.batch_sharding)
+             for k in batch_keys(cfg, "pretrain")}
+    trained = run.train_step.lower(run.state, run.frozen, batch).as_text()
+    run.ckpt.close()
+    assert "dot_general" in planned and trained == planned

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from zhjax._extras import require
 from zhjax.config import LoraConfig, ModelConfig, RopeScaling
 from zhjax.model.lora import fold_lora
 from zhjax.ownership import staged_dir
@@ -238,15 +239,20 @@ class _SafetensorsFile:
 
 
 class _TorchBinFile:
-    """A `pytorch_model*.bin`, read only through `torch.load(weights_only=True)`."""
+    """A `.bin` state dict (`pytorch_model*.bin`, the seed's `adapter_model.bin`), read only through
+    `torch.load(weights_only=True)` (never unpickling code), memory-mapped when its format allows."""
 
     def __init__(self, path: Path):
+        require("torch", extra="torch", why=f"{path}: reading a .bin state dict")
+        import torch
+
         try:
-            import torch
-        except ImportError as e:  # pragma: no cover - torch is an extra
-            raise ConversionError(f"{path}: reading .bin checkpoints needs torch (pip install 'zhjax[torch]')") from e
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the legacy (pre-zipfile) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ConversionError(f"{path}: not a plain PyTorch state dict loadable with weights_only=True ({e})") from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -266,6 +272,11 @@ class _TorchBinFile:
         return t.numpy()
 
 
+def open_tensor_file(path: Path) -> _SafetensorsFile | _TorchBinFile:
+    """The reader of one weights file: memory-mapped safetensors, or a `.bin` state dict through torch."""
+    return _SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchBinFile(path)
+
+
 class CheckpointReader:
     """All tensors of an HF model directory (single or sharded safetensors, or `.bin`), by name."""
 
@@ -276,7 +287,7 @@ class CheckpointReader:
             files = sorted(self.path.glob("pytorch_model*.bin"))
         if not files:
             raise ConversionError(f"{self.path}: no *.safetensors or pytorch_model*.bin weights found")
-        self.files = [_SafetensorsFile(f) if f.suffix == ".safetensors" else _TorchBinFile(f) for f in files]
+        self.files = [open_tensor_file(f) for f in files]
         self.where = {k: f for f in self.files for k in f.keys()}
 
     def get(self, name: str, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:

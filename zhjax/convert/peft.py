@@ -32,13 +32,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from zhjax._extras import require
 from zhjax.config import LORA_TARGETS, ModelConfig
-from zhjax.convert.hf import ConversionError, _SafetensorsFile
+from zhjax.convert.hf import ConversionError, open_tensor_file
 from zhjax.model.lora import lora_delta
 from zhjax.ownership import staged_dir
 from zhjax.tokenizer.files import TOKENIZER_FILES
@@ -254,33 +252,6 @@ class PeftAdapter:
         return tuple(self._tensors.get(key).shape)
 
 
-class _TorchWeights:
-    """A `.bin` adapter state dict, loaded through `torch.load(weights_only=True)` (never unpickling code)."""
-
-    def __init__(self, path: Path):
-        require("torch", extra="torch", why=f"{path}: reading a .bin adapter")
-        import torch
-
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConversionError(f"{path}: not a plain PyTorch state dict loadable with weights_only=True ({e})") from e
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ConversionError(f"{path}: expected a state dict of name -> tensor, got {type(state).__name__}")
-        self.state = state
-
-    def keys(self):
-        return self.state.keys()
-
-    def get(self, name: str) -> np.ndarray:
-        import torch
-
-        t = self.state[name]
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-
-
 def _positive(cfg: dict, key: str, file: Path) -> float:
     value = cfg.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -333,7 +304,7 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
     if not files:
         raise ConversionError(f"{path}: no {' or '.join(ADAPTER_WEIGHTS)} found")
     file = files[0]
-    tensors = _SafetensorsFile(file) if file.suffix == ".safetensors" else _TorchWeights(file)
+    tensors = open_tensor_file(file)
     keys = list(tensors.keys())
     if not keys:
         raise ConversionError(

@@ -15,10 +15,11 @@ tokens per character on the training text.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
+
+from zhjax.train.metrics import read_metrics
 
 __all__ = ["draw_learning_curves", "learning_curve"]
 
@@ -37,7 +38,7 @@ def _lines(path: Path, limit: int | None = None) -> list[str]:
 
 def learning_curve(out: Path, tokenizer: Path, data: Path, tokens_per_step: int) -> dict:
     """`{"steps", "seconds", "characters", "bits_per_char"}` of one run (lists, one entry per evaluation)."""
-    records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x]
+    records = read_metrics(out)
     evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
     windows = sorted({r["step"]: r["tokens_per_second"] for r in records if "tokens_per_second" in r}.items())
     if not evals or not windows:

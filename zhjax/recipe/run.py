@@ -40,6 +40,7 @@ from pathlib import Path
 from zhjax._extras import require
 from zhjax.tokenizer.transfer import TransferConfig
 from zhjax.train.config import PretrainConfig, SFTConfig
+from zhjax.train.metrics import read_metrics
 from zhjax.train.validate import jsonable
 
 
@@ -331,7 +332,7 @@ def _training_speed(out: Path, tokenizer: Path, data: Path) -> dict:
     characters/s it means for that run's tokenizer."""
     import statistics
 
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    records = read_metrics(out)
     rates = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
     tps = statistics.median(rates[1:] or rates) if rates else float("nan")
     return {"tokens_per_second": tps, "characters_per_second": tps / _tokens_per_char(tokenizer, data),
@@ -340,7 +341,7 @@ def _training_speed(out: Path, tokenizer: Path, data: Path) -> dict:
 
 def _trained_steps(out: Path) -> int:
     """The last step a training run logged (it always logs its final step)."""
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    records = read_metrics(out)
     return max((r["step"] for r in records if "loss" in r), default=0)
 
 

@@ -59,6 +59,12 @@ def flops_per_token(
     return 4.0 * frozen_params + 6.0 * trainable_params + attention
 
 
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The records a run wrote to `output_dir/metrics.jsonl`, in order (what `MetricsLogger` writes)."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
 class MetricsLogger:
     """Writes metric records to stdout, `output_dir/metrics.jsonl` and TensorBoard (`output_dir/tensorboard`)."""
 
