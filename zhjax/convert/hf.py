@@ -32,6 +32,7 @@ from flax import nnx
 from zhjax._extras import require
 from zhjax.config import LoraConfig, ModelConfig, RopeScaling
 from zhjax.model.lora import fold_lora
+from zhjax.model.params import variable_value
 from zhjax.ownership import staged_dir
 from zhjax.tokenizer.files import TOKENIZER_FILES
 
@@ -349,7 +350,7 @@ def load_params(
 
     flat = []
     for p, var in nnx.to_flat_state(base_abs):
-        sds = _value(var)
+        sds = variable_value(var)
         sharding = shardings(p, sds) if shardings else default
         cb = _param_loader(reader, tuple(str(k) for k in p), sds.shape, np.dtype(sds.dtype), config.num_hidden_layers)
         flat.append((p, var.replace(jax.make_array_from_callback(sds.shape, sharding, cb))))
@@ -376,13 +377,13 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
     exporting never needs a merged copy of the model.
     """
     _, lora_state, base = nnx.split(model, nnx.LoRAParam, ...)
-    lora = {tuple(str(k) for k in p): _value(v) for p, v in nnx.to_flat_state(lora_state)}
+    lora = {tuple(str(k) for k in p): variable_value(v) for p, v in nnx.to_flat_state(lora_state)}
     scaling = model.lora.scaling if model.lora is not None else 0.0
     num_layers = model.config.num_hidden_layers
     for p, var in nnx.to_flat_state(base):
         path = tuple(str(k) for k in p)
         template, transpose = _hf_base_name(path)
-        value = _value(var)
+        value = variable_value(var)
         a, b = lora.get((*path[:-1], "lora_a")), lora.get((*path[:-1], "lora_b"))
         stacked = "{i}" in template
         for i, name in enumerate(hf_tensor_names(path, num_layers)):
@@ -395,9 +396,6 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
                 arr = arr.astype(dtype)
             yield name, np.ascontiguousarray(arr)
 
-
-def _value(var):
-    return var.get_value() if hasattr(var, "get_value") else var.value
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -35,6 +35,7 @@ from flax import nnx
 from zhjax.config import LoraConfig, ModelConfig
 from zhjax.convert.hf import CheckpointReader, ConversionError, read_config, write_hf_dir
 from zhjax.convert.peft import PeftAdapter, check_adapter_against_base, read_peft_adapter
+from zhjax.model.params import variable_value
 from zhjax.ownership import check_output_dir
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -338,14 +339,11 @@ def load_with_adapters(base: str | Path, adapters: Sequence[str | Path], *, dtyp
         elif path == ("embed_tokens", "embedding") and embed is not None:
             value = embed
         elif path == ("lm_head", "kernel"):
-            value = head.T if head is not None else _value(loaded[path])
+            value = head.T if head is not None else variable_value(loaded[path])
         else:
-            value = _value(loaded[path])
+            value = variable_value(loaded[path])
         if tuple(value.shape) != tuple(var.shape):
             raise ConversionError(f"{plan.base}: {'/'.join(path)} has shape {tuple(value.shape)}, expected {tuple(var.shape)}")
         flat.append((p, var.replace(jnp.asarray(value, var.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
-
-def _value(var):
-    return var.get_value() if hasattr(var, "get_value") else var.value

@@ -43,6 +43,8 @@ import jax
 import numpy as np
 import pyarrow as pa
 
+from zhjax.parallel.rules import RULES
+
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 
@@ -95,7 +97,7 @@ class DataLoader:
     """
 
     def __init__(self, dataset: datasets.Dataset, global_batch_size: int, *, seed: int = 0,
-                 mesh: jax.sharding.Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
+                 mesh: jax.sharding.Mesh | None = None, batch_axes: Sequence[str] = RULES["batch"],
                  bucket_lengths: Sequence[int] | None = None, pad_id: int = 0, drop_remainder: bool = False,
                  num_epochs: int | None = None, prefetch: int = 2, process_index: int | None = None,
                  process_count: int | None = None):

@@ -47,3 +47,9 @@ def count_params(state) -> int:
     import jax
 
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def variable_value(var):
+    """The array (or abstract shape, or sharding) an `nnx.Variable` of a state holds."""
+    getter = getattr(var, "get_value", None)
+    return getter() if getter is not None else var.value

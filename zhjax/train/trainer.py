@@ -32,7 +32,7 @@ from flax import nnx
 
 from zhjax.config import ModelConfig
 from zhjax.model.llama import LlamaForCausalLM
-from zhjax.model.params import count_params, split_model, trainable_filter
+from zhjax.model.params import count_params, split_model, trainable_filter, variable_value
 from zhjax.parallel.mesh import make_mesh
 from zhjax.parallel.rules import state_shardings
 from zhjax.train.checkpoint import RunCheckpointer
@@ -70,7 +70,7 @@ def build_model(cfg: JobConfig, mesh: jax.sharding.Mesh) -> LlamaForCausalLM:
         model_cfg = model_cfg.replace(**numerics)
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_cfg, lora, rngs=nnx.Rngs(cfg.seed)))
         shardings = {
-            tuple(str(k) for k in p): _value(v) for p, v in nnx.to_flat_state(state_shardings(nnx.state(abstract), mesh))
+            tuple(str(k) for k in p): variable_value(v) for p, v in nnx.to_flat_state(state_shardings(nnx.state(abstract), mesh))
         }
         model = load_params(
             cfg.init_from, model_cfg, lora, shardings=lambda path, _: shardings[path], seed=cfg.seed
@@ -113,9 +113,6 @@ def _place(model, mesh):
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
 
-
-def _value(v):
-    return v.get_value() if hasattr(v, "get_value") else v.value
 
 
 # ----------------------------------------------------------------------------------------------- set-up
