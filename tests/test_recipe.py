@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.extras import needs_torch, optional
@@ -74,14 +75,14 @@ def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_pa
     merged = transformers.AutoModelForCausalLM.from_pretrained(work / "merged-final")
     assert merged.config.vocab_size == len(transformers.AutoTokenizer.from_pretrained(work / "tokenizer"))
     assert json.loads((work / "stages.json").read_text()).keys() == {
-        "data", "tokenizer", "resize", "pretrain", "sft", "export", "pretrain-no_extension", "export-no_extension",
-        "resize-normal", "pretrain-normal_init", "export-normal_init", "sft-no_extension", "export-sft-no_extension"}
+        "data", "tokenizer", "resize", "pretrain", "export-pretrain", "sft", "export", "pretrain-no_extension",
+        "export-no_extension", "resize-normal", "pretrain-normal_init", "export-normal_init", "sft-no_extension", "export-sft-no_extension"}
 
     capsys.readouterr()
     run_recipe(cfg)  # everything cached: only the evaluation runs again
     out = capsys.readouterr().out
-    for stage in ("data", "tokenizer", "resize", "pretrain", "sft", "export", "pretrain-no_extension", "resize-normal",
-                  "sft-no_extension"):
+    for stage in ("data", "tokenizer", "resize", "pretrain", "export-pretrain", "sft", "export", "pretrain-no_extension",
+                  "resize-normal", "sft-no_extension"):
         assert f"[{stage}] cached" in out
 
 
@@ -121,3 +122,29 @@ def test_learning_curves_of_both_runs_at_the_same_steps_are_drawn(tmp_path, asse
     assert curves["base model"]["bits_per_char"] == curves["without extension"]["bits_per_char"][:1]
     png = tmp_path / "work" / "learning_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@needs_torch
+def test_the_final_export_applies_each_adapter_once(tmp_path, assets):
+    """SFT that learns nothing (a learning rate of 1e-12) must export the pre-trained model unchanged: the SFT adapter
+    is stacked on the merged pre-trained model, so the pre-training LoRA is applied once, not twice."""
+    from safetensors.numpy import load_file
+
+    from zhjax.recipe import load_recipe_config, run_recipe
+
+    tagged, _ = _tiny_base(tmp_path, assets)
+    job = ["dtype=float32", "data.block_size=64", "per_device_train_batch_size=2", "max_steps=3", "logging_steps=1",
+           "eval_steps=0", "save_steps=0", f"data.data_cache_dir={tmp_path / 'cache'}"]
+    overrides = [f"base_model={tmp_path / 'base'}", f"corpus_tagged={tagged}", f"work_dir={tmp_path / 'work'}",
+                 "max_examples=120", "new_tokens=40", "eval.heldout_lines=4", "eval.test_examples=2",
+                 "eval.max_new_tokens=4", "compare=[]", "curve_lines=0", *[f"pretrain.{o}" for o in job],
+                 *[f"sft.{o}" for o in job], "sft.data.max_seq_length=512", "sft.optim.learning_rate=1e-12"]
+    run_recipe(load_recipe_config(None, overrides))
+    pretrained = load_file(tmp_path / "work" / "merged-pretrain" / "model.safetensors")
+    final = load_file(tmp_path / "work" / "merged-final" / "model.safetensors")
+    base = load_file(tmp_path / "work" / "base-zh" / "model.safetensors")
+    assert set(final) == set(pretrained)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert abs(pretrained[name] - base[name]).max() > 1e-4  # pre-training moved the LoRA'd weights
+    for k in final:
+        np.testing.assert_allclose(final[k], pretrained[k], rtol=0, atol=1e-6, err_msg=k)

@@ -10,8 +10,9 @@ Stages (the same library calls the tools make; outputs under `work_dir`):
                (`zhjax.tokenizer.bpe.extend_bpe_tokenizer`, as `tools/merge_tokenizers.py --kind bpe`)
 3. `resize`    grow embed_tokens / lm_head to the new vocab (`resize_hf_checkpoint`, as `tools/resize_model.py`)
 4. `pretrain`  LoRA + embed/head continued pre-training on the train split (`zhjax pretrain`)
-5. `sft`       Alpaca-template instruction tuning continuing the pre-training adapter (`zhjax sft`)
-6. `export`    merge base + PT adapter (+ SFT adapter) into plain HF dirs (`tools/export_hf.py`)
+5. `sft`       Alpaca-template instruction tuning, a new LoRA on the merged pre-trained model (`zhjax sft`)
+6. `export`    base + PT adapter merged before SFT (`export-pretrain`), then + SFT adapter, into plain HF dirs
+               (`tools/export_hf.py`): each adapter applied once, as the seed's Plus recipe stacks them
 7. `evaluate`  with `transformers`: tokens per character, held-out bits per character, task scores before and
                after SFT, sample answers; printed as a table and written to `work_dir/results.json`; with
                `eval.cloze_questions`, also cloze accuracy of the base and adapted models (`zhjax.recipe.cloze`)
@@ -193,20 +194,20 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     )
     stages.run("pretrain", {"job": jsonable(pt), "base": stages.done.get("resize")}, lambda: train(_fresh(pt, stages), "pretrain"))
 
+    # the seed's Plus recipe: the instruction LoRA is a new adapter trained on the merged pre-trained model, so the
+    # final model is base + PT adapter + SFT adapter, each applied once (continuing the PT adapter instead, as
+    # `adapters_from` does, and then merging both would apply the PT LoRA twice)
+    stages.run("export-pretrain", {"pt": stages.done.get("pretrain")},
+               lambda: _merge(base_zh, [pt_out / "adapter"], pt_merged))
     sft = dataclasses.replace(
-        cfg.sft, init_from=str(base_zh), tokenizer=str(tok), adapters_from=str(pt_out), output_dir=str(sft_out),
+        cfg.sft, init_from=str(pt_merged), tokenizer=str(tok), adapters_from=None, output_dir=str(sft_out),
         data=dataclasses.replace(cfg.sft.data, train_files=[str(data / "train.json")],
                                  validation_files=[str(data / "validation.json")]),
     )
-    stages.run("sft", {"job": jsonable(sft), "pt": stages.done.get("pretrain")}, lambda: train(_fresh(sft, stages), "sft"))
-
-    def export():
-        from zhjax.convert.merge import merge_adapters
-
-        merge_adapters(base_zh, [pt_out / "adapter"], pt_merged, dtype="float32", overwrite=True)
-        merge_adapters(base_zh, [pt_out / "adapter", sft_out / "adapter"], final, dtype="float32", overwrite=True)
-
-    stages.run("export", {"pt": stages.done.get("pretrain"), "sft": stages.done.get("sft")}, export)
+    stages.run("sft", {"job": jsonable(sft), "pt": stages.done.get("export-pretrain")},
+               lambda: train(_fresh(sft, stages), "sft"))
+    stages.run("export", {"pt": stages.done.get("export-pretrain"), "sft": stages.done.get("sft")},
+               lambda: _merge(pt_merged, [sft_out / "adapter"], final))
 
     runs = {"with extension": (pt_out, work / "tokenizer")}
     extra = {"after pre-training": pt_merged}  # models scored by bits per character beside the main ones
@@ -244,6 +245,12 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     (work / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     print(format_results(results))
     return results
+
+
+def _merge(base: Path, adapters: list[Path], out: Path) -> None:
+    from zhjax.convert.merge import merge_adapters
+
+    merge_adapters(base, adapters, out, dtype="float32", overwrite=True)
 
 
 def _fresh(job, stages: Stages):
@@ -302,19 +309,18 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
 
 
 def _compare_sft(cfg: RecipeConfig, sft, stages: Stages, work: Path) -> Path:
-    """The main run's SFT job on the pre-training run without extension (base model and tokenizer) for as many steps
+    """The main run's SFT job on the merged pre-training run without extension (its own tokenizer) for as many steps
     as the main SFT took (the same compute; its own tokenizer packs fewer examples per step), merged."""
-    from zhjax.convert.merge import merge_adapters
     from zhjax.train.trainer import train
 
-    base, pt_out = Path(cfg.base_model), work / "pretrain-no-extension"
+    pt_merged = work / "merged-pretrain-no-extension"
     out, merged = work / "sft-no-extension", work / "merged-final-no-extension"
-    job = dataclasses.replace(sft, init_from=str(base), tokenizer=str(base), adapters_from=str(pt_out),
+    job = dataclasses.replace(sft, init_from=str(pt_merged), tokenizer=str(cfg.base_model), adapters_from=None,
                               output_dir=str(out), max_steps=_trained_steps(work / "sft"))
-    stages.run("sft-no_extension", {"job": jsonable(job), "pt": stages.done.get("pretrain-no_extension")},
+    stages.run("sft-no_extension", {"job": jsonable(job), "pt": stages.done.get("export-no_extension")},
                lambda: train(_fresh(job, stages), "sft"))
     stages.run("export-sft-no_extension", {"sft": stages.done.get("sft-no_extension")},
-               lambda: merge_adapters(base, [pt_out / "adapter", out / "adapter"], merged, dtype="float32", overwrite=True))
+               lambda: _merge(pt_merged, [out / "adapter"], merged))
     return merged
 
 
