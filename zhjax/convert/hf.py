@@ -397,7 +397,6 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
             yield name, np.ascontiguousarray(arr)
 
 
-
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     header, offset = {}, 0
     for name, arr in tensors.items():

@@ -355,6 +355,7 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | Non
              tuned_models: dict | None = None) -> dict:
     """The results table's numbers, computed with `transformers` on the exported models: `extra_models` get bits
     per character only, `tuned_models` the task scores too."""
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from zhjax.data.instructions import NAMES_INSTRUCTION, aggregate_scores, score_names, score_segmentation
@@ -375,7 +376,9 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | Non
     models = {"base model": cfg.base_model, "after pre-training": work / "merged-pretrain", **(extra_models or {}),
               "after SFT": work / "merged-final", **(tuned_models or {})}
     bpc, tasks, answers = {}, {}, {}
-    for name, path in models.items():
+    bar = tqdm(models.items(), desc="[evaluate] models", unit="model")
+    for name, path in bar:
+        bar.set_postfix_str(name)
         model, tok = load_hf(str(path))
         bpc[name] = bits_per_character(model, tok, lines).bits_per_char
         if name in (extra_models or {}) or (name == "base model" and not e.evaluate_base_tasks) or (
