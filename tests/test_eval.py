@@ -331,8 +331,10 @@ def test_rows_sharing_a_prefix_score_as_the_full_rows_do():
     assert groups == [(20, [5, 6]), (29, [0, 1, 2, 3, 4, 8])]  # the all-prefix row keeps one token of its own
 
     one = make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
-    plain = Scorer(model, batch_size=4, mesh=one, share_prefix=False).score(rows, positions, targets)
-    shared = Scorer(model, batch_size=4, mesh=one, min_shared=16).score(rows, positions, targets)
+    plain_scorer, shared_scorer = (Scorer(model, batch_size=4, mesh=one, share_prefix=False),
+                                   Scorer(model, batch_size=4, mesh=one, min_shared=16))
+    assert shared_scorer.shares_prefix and not plain_scorer.shares_prefix
+    plain, shared = (s.score(rows, positions, targets) for s in (plain_scorer, shared_scorer))
     for a, b in zip(plain, shared, strict=True):
         assert a.logprobs.shape == b.logprobs.shape
         np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=2e-5)

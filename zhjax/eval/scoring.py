@@ -161,6 +161,11 @@ class Scorer:
         if share_prefix and self.mesh.devices.size == 1:
             self._decode = decode_weights(model, unstack=False)  # scanned layers: one small compile per shape
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether rows with a common prefix of at least `min_shared` tokens run it once (one-device meshes)."""
+        return self._decode is not None
+
     def score(self, rows: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
               targets: Sequence[np.ndarray], *, progress=None) -> list[Scored]:
         """Score every row (see the module doc); `progress(n)` is called after each batch with its row count."""
@@ -169,7 +174,7 @@ class Scorer:
                              f"{len(targets)}")
         out: list[Scored | None] = [None] * len(rows)
         grouped: set[int] = set()
-        for n, members in (shared_groups(rows, positions, self.min_shared) if self._decode is not None else []):
+        for n, members in (shared_groups(rows, positions, self.min_shared) if self.shares_prefix else []):
             self._run_group(rows, positions, targets, n, members, out, progress)
             grouped.update(members)
         order = sorted((i for i in range(len(rows)) if i not in grouped), key=lambda i: -len(rows[i]))
