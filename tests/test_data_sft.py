@@ -50,6 +50,17 @@ def test_alpaca_prompt_is_masked_and_eos_is_appended_as_an_id(tok):
     assert out["labels"] == [-100] * len(prompt) + response
 
 
+def test_train_on_inputs_labels_the_prompt_with_its_own_tokens(tok, tmp_path):
+    record = {"instruction": "写一首诗", "input": "关于春天", "output": "春天来了。"}
+    masked, full = encode_example(record, tok, "alpaca"), encode_example(record, tok, "alpaca", train_on_inputs=True)
+    assert full["input_ids"] == masked["input_ids"]
+    assert full["labels"] == full["input_ids"]  # every position, the prompt's too, is a target
+    write_json(tmp_path / "a.json", [record])
+    (row,), summary = build_sft_dataset(tmp_path / "a.json", tok, max_seq_length=512, train_on_inputs=True)
+    n = len(full["input_ids"])
+    assert row["labels"][:n] == full["input_ids"] and set(row["labels"][n:]) == {-100}
+    assert summary.trained_tokens == n
+
 def test_eos_is_never_tokenized_from_its_string():
     tok = make_tokenizer()
     tok.eos_token = "<|end|>"  # not in the vocabulary as one piece: the string would split into bytes

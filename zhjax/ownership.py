@@ -9,6 +9,9 @@ Before anything is read or written:
 - an existing non-empty output is replaced only when its manifest says zhjax wrote every file in it; a directory
   zhjax did not write, or one a user has added files to, is refused by name unless `overwrite` is given.
 
+The rename itself is `replace_path` (and `atomic_path` around it): asset builds and the tokenized-data cache
+publish through it too, so every directory zhjax writes appears whole or not at all.
+
 Only stdlib: every layer (convert, train, tools) may use it.
 """
 
@@ -19,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -105,10 +109,51 @@ def publish(tmp: Path, out: Path, *, overwrite: bool = False, flag: str = "--ove
     for p in [tmp, *tmp.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
     check_output_dir(out, overwrite=overwrite, flag=flag)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
+    replace_path(tmp, out)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder tree at `path`; nothing when there is none."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_path(tmp: Path, final: Path, *, keep_existing: bool = False) -> bool:
+    """Rename the complete `tmp` (a file or a folder beside `final`) to `final`; True when `tmp` became `final`.
+
+    An existing folder at `final` is moved aside, `tmp` renamed in, and the old one removed after (a folder cannot
+    be replaced by one rename). `keep_existing=True` is for writers that race to publish the same content (hosts of
+    a multi-host job): if `final` exists, or appears while renaming, it is kept and `tmp` removed.
+    """
+    if keep_existing and final.exists():
+        remove_path(tmp)
+        return False
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+        tmp.rename(final)
         shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+        return True
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (keep_existing and final.exists()):
+            raise
+        remove_path(tmp)  # another writer's identical copy landed first
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, *, prefix: str = ".partial-") -> Iterator[Path]:
+    """A fresh temporary path beside `final` for the block to write (as a file or a folder); it replaces `final`
+    when the block succeeds and is removed on any error, so `final` is the old content or the new, never half."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{prefix}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        replace_path(tmp, final)
+    finally:
+        remove_path(tmp)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import fsspec
 
+from zhjax.ownership import atomic_path, remove_path, replace_path
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the line, byte offset, record or field at fault."""
@@ -238,24 +240,16 @@ class Cache:
         for f in files:
             os.replace(f, tmp / f.name)
         (tmp / "meta.json").write_text(json.dumps(meta))
-        if final.exists():  # a stale, incomplete entry (no meta.json), or a concurrent writer finished first
-            if (final / "meta.json").exists():
-                shutil.rmtree(tmp)
-                return
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # lost a race to another host; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists() and not (final / "meta.json").exists():  # a stale entry a crashed writer left
+            remove_path(final)
+        replace_path(tmp, final, keep_existing=True)  # a concurrent writer that finished first keeps its copy
 
     def local_file(self, name: str) -> Path:
         """A local path of cache file ``name``, downloaded into the mirror first when the cache is remote."""
         path = self.local / name
         if self.remote and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".partial-{uuid.uuid4().hex[:8]}-{path.name}")
-            self.fs.get_file(f"{self.root}/{name}", str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                self.fs.get_file(f"{self.root}/{name}", str(tmp))
         return path
 
 

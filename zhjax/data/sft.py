@@ -1,8 +1,9 @@
 """Instruction-tuning data: Alpaca records and conversations -> masked token sequences -> packed rows.
 
 `encode_example` turns one record into ``input_ids`` and ``labels``: the prompt (rendered by a template from
-`zhjax.data.templates`, BOS first) is labelled -100, the response is followed by the EOS token *id* (never the
-string, which some tokenizers split into pieces) and labelled with itself. Labels are aligned with the inputs;
+`zhjax.data.templates`, BOS first) is labelled -100 (with ``train_on_inputs``, with its own tokens), the
+response is followed by the EOS token *id* (never the string, which some tokenizers split into pieces) and
+labelled with itself. Labels are aligned with the inputs;
 the loss shifts them.
 
 Truncation keeps the response. ``max_prompt_length`` shortens the instruction text (its end, so a long
@@ -145,6 +146,7 @@ def encode_example(
     max_prompt_length: int | None = None,
     *,
     system_prompt: str | None = None,
+    train_on_inputs: bool = False,
     stats: Counter | None = None,
 ) -> dict[str, list[int]] | None:
     """Token ids and labels of one record; None when the example must be dropped.
@@ -157,6 +159,8 @@ def encode_example(
         max_seq_length: the most tokens of prompt + response.
         max_prompt_length: the most tokens of the first prompt; longer instructions are shortened.
         system_prompt: for "alpaca2" and "chat"; a record's own ``system`` field wins.
+        train_on_inputs: label the prompts with their own tokens too (alpaca-lora's option of that name), so
+            the loss also covers the instruction and input text; the default masks them, as the seed does.
         stats: a Counter that gets one of the reason keys of this module (kept, truncated, dropped ...).
 
     Returns:
@@ -207,7 +211,7 @@ def encode_example(
             target = target[:room]
             stats[TRUNCATED_RESPONSE] += 1
         input_ids += prompt + target
-        labels += [IGNORE_INDEX] * len(prompt) + target
+        labels += (list(prompt) if train_on_inputs else [IGNORE_INDEX] * len(prompt)) + target
         if len(target) < len(response) + 1:
             break
     if not input_ids:
@@ -393,6 +397,7 @@ def build_sft_dataset(
     *,
     pack: bool = True,
     system_prompt: str | None = None,
+    train_on_inputs: bool = False,
     num_proc: int | None = None,
     encoding: str = "utf-8",
     errors: str = "strict",
@@ -412,7 +417,7 @@ def build_sft_dataset(
     table = datasets.Dataset.from_dict({"source": [s for s, _, _ in records], "record": [n for _, n, _ in records],
                                         "json": [json.dumps(r, ensure_ascii=False) for _, _, r in records]})
     kwargs = dict(tokenizer=tokenizer, template=template, max_seq_length=max_seq_length,
-                  max_prompt_length=max_prompt_length, system_prompt=system_prompt)
+                  max_prompt_length=max_prompt_length, system_prompt=system_prompt, train_on_inputs=train_on_inputs)
     nproc = min(num_proc or 1, len(records))
     with forking_workers():
         encoded = table.map(_encode_batch, batched=True, fn_kwargs=kwargs, remove_columns=table.column_names,

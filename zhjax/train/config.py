@@ -35,6 +35,9 @@ class DataConfig:
     max_seq_length: int = 512
     max_prompt_length: int | None = None
     pack: bool = True
+    # the loss covers the prompts (instruction + input) as well as the responses (alpaca-lora's option); the
+    # seed masks prompts. On: SFT keeps modelling the text its inputs hold (README "The demo, measured")
+    train_on_inputs: bool = False
 
 
 @dataclass

@@ -109,13 +109,14 @@ def build_data(cfg: JobConfig, kind: str, model_config: ModelConfig, mesh, rows_
 
         rows, summary = build_sft_dataset(
             d.train_files, tokenizer, d.template, d.max_seq_length, d.max_prompt_length, pack=d.pack,
-            num_proc=d.preprocessing_num_workers, encoding=d.encoding, errors=d.encoding_errors,
+            train_on_inputs=d.train_on_inputs, num_proc=d.preprocessing_num_workers, encoding=d.encoding,
+            errors=d.encoding_errors,
         )
         print(summary)
         if d.validation_files:
             validation, _ = build_sft_dataset(
                 d.validation_files, tokenizer, d.template, d.max_seq_length, d.max_prompt_length, pack=d.pack,
-                encoding=d.encoding, errors=d.encoding_errors,
+                train_on_inputs=d.train_on_inputs, encoding=d.encoding, errors=d.encoding_errors,
             )
         elif d.validation_split_percentage:
             rows, validation = split_validation(rows, d.validation_split_percentage, cfg.seed)
