@@ -166,6 +166,31 @@ def test_distill_is_deterministic_for_a_seed(setup, tmp_path):
     assert np.array_equal(a.transfer.head_old_rows, b.transfer.head_old_rows)
 
 
+@pytest.mark.parametrize("target", ["data", "base"])
+def test_the_output_fit_in_position_chunks_equals_the_fit_in_one(setup, tmp_path, target):
+    """The fit's logits are computed `position_chunk` positions at a time (a large sample's full logits do not fit in
+    memory: 200 k characters of SmolLM2's sample ran out of 23 GB): chunks, padding included, change nothing."""
+    tmp, sample, _, ext = setup
+    base = make_hf_model(tmp_path / "base", False)
+    cfg = dataclasses.replace(TINY, input_steps=0, output_target=target)
+    one = resize_hf_checkpoint(base, ext, tmp_path / "one", "distill", seed=1, sample_files=[sample],
+                               transfer=dataclasses.replace(cfg, position_chunk=1_000_000))
+    many = resize_hf_checkpoint(base, ext, tmp_path / "many", "distill", seed=1, sample_files=[sample],
+                                transfer=dataclasses.replace(cfg, position_chunk=37))
+    assert one.transfer.positions > 5 * 37
+    np.testing.assert_allclose(many.transfer.head_rows, one.transfer.head_rows, atol=2e-5)
+    np.testing.assert_allclose(many.transfer.head_old_rows, one.transfer.head_old_rows, atol=2e-5)
+    np.testing.assert_allclose(many.transfer.output_nll, one.transfer.output_nll, rtol=1e-5)
+
+
+def test_a_sample_smaller_than_one_batch_of_windows_still_fits(setup, tmp_path):
+    tmp, sample, _, ext = setup
+    base = make_hf_model(tmp_path / "base", True)
+    small = tmp_path / "small.txt"
+    small.write_text(CHINESE[0] + "\n", encoding="utf-8")  # one line: fewer windows than `batch_size`
+    out = resize_hf_checkpoint(base, ext, tmp_path / "out", "distill", seed=0, sample_files=[small], transfer=TINY)
+    assert out.transfer.chunks < TINY.batch_size and np.isfinite(out.transfer.head_rows).all()
+
 def test_distill_refuses_bad_input_before_writing(setup, tmp_path):
     tmp, sample, base_tok_dir, ext = setup
     base = make_hf_model(tmp_path / "base", True)

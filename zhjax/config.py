@@ -19,6 +19,22 @@ REMAT_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj", "m
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# The mesh axes and the one table from logical array axes to them (MaxText keeps its `logical_axis_rules` in its
+# config too): `zhjax.parallel.rules` turns it into shardings; the model's splash-attention wrapper reads the
+# batch axes from it, since the model layer sits below `parallel`.
+MESH_AXES = ("data", "fsdp", "tensor")
+AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "lora_rank": None,
+}
+
 
 @dataclass(frozen=True)
 class RopeScaling:

@@ -44,11 +44,11 @@ from zhjax.data.files import (
     forking_workers,
     read_all,
 )
+from zhjax.data.loader import IGNORE_INDEX
 from zhjax.data.templates import CHAT, TEMPLATE_NAMES, join_instruction, render_prompt
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 SFT_EXTENSIONS = (".json", ".jsonl")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # drop and truncation reasons, as counted in `SFTSummary.counts`

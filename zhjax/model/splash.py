@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from zhjax.config import AXIS_RULES
+
 LANES = 128
 
 
@@ -79,7 +81,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, *
 
     if mesh is not None and math.prod(mesh.axis_sizes) > 1:
         names = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-        batch_axes = tuple(a for a in ("data", "fsdp") if names.get(a, 1) > 1)
+        batch_axes = tuple(a for a in AXIS_RULES["batch"] if names.get(a, 1) > 1)
         batch = batch_axes if batch_axes and b % math.prod(names[a] for a in batch_axes) == 0 else None
         tp = names.get("tensor", 1)
         heads = "tensor" if tp > 1 and h % tp == 0 and kvh % tp == 0 else None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import AxisType
 
-from zhjax.parallel.rules import MESH_AXES
+from zhjax.config import MESH_AXES
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The one table that maps logical parameter and activation axes to mesh axes.
+"""Logical parameter and activation axes to mesh axes: the one table (`RULES`, kept in `zhjax.config`) applied.
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters, gradients and optimizer
 state sharded: ZeRO-3), `tensor` (Megatron-style tensor parallelism). Every parameter dim carries a logical name
@@ -15,19 +15,8 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "head_dim": None,
-    "layers": None,
-    "lora_rank": None,
-}
+# the table itself lives in `zhjax.config`, below the model, whose splash-attention wrapper reads it too
+from zhjax.config import AXIS_RULES as RULES
 
 
 def _axis_size(mesh: jax.sharding.Mesh, axes) -> int:

@@ -71,6 +71,7 @@ class TransferConfig:
     output_l2: float = 1e-3
     output_target: str = "data"  # "data": the sample's next token; "base": the base's log-probability of its pieces
     output_rows: str = "seen"  # "seen": the new head rows and the old rows of the tokens the sample predicts | "new"
+    position_chunk: int = 4096  # sample positions per logits block of the output fit (memory, not results)
     seed: int = 0
 
     def __post_init__(self):
@@ -79,7 +80,7 @@ class TransferConfig:
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"transfer.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        for name in ("sample_characters", "chunk_tokens", "batch_size"):
+        for name in ("sample_characters", "chunk_tokens", "batch_size", "position_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"transfer.{name}={getattr(self, name)}: expected a positive number")
 
@@ -212,9 +213,9 @@ def transfer_rows(
     n = chunks.ext_ids.shape[0]
     bs = config.batch_size
     pad = (-n) % bs
-    if pad:  # whole batches: repeat the first chunks with zero masks
+    if pad:  # whole batches: windows of zeros with zero masks (a sample of fewer windows than a batch too)
         def grow(a):
-            return np.concatenate([a, np.zeros_like(a[:pad])])
+            return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
         chunks = Chunks(*(grow(x) for x in (chunks.ext_ids, chunks.base_ids, chunks.align, chunks.ext_mask,
                                              chunks.base_mask)))
     batches = chunks.ext_ids.shape[0] // bs
@@ -314,19 +315,40 @@ def transfer_rows(
     fitted_ids = np.concatenate([seen_old, np.arange(old_vocab, old_vocab + n_new)])
     tgt = jnp.asarray(np.searchsorted(fitted_ids, tgt_np))  # each target's index among the fitted rows
     rest = np.setdiff1d(np.arange(old_vocab), seen_old)
-    lse_rest = jax.jit(lambda h, w: jax.nn.logsumexp(h @ w.T, axis=-1))(h, head_old[rest])
+    # positions in chunks of `position_chunk`: the `[positions, fitted rows]` logits of a large sample never exist
+    # whole (200 k characters against 45 k fitted rows would be 28 GB); padding positions carry weight 0
+    n_pos, chunk = h.shape[0], min(config.position_chunk, h.shape[0])
+    pad = -n_pos % chunk
+
+    def chunked(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(-1, chunk, *x.shape[1:])
+
+    rest_lse = jax.jit(lambda h, w: jax.nn.logsumexp(h @ w.T, axis=-1))
+    rest_w = head_old[rest]
+    lse_rest = jnp.concatenate([rest_lse(hc, rest_w) for hc in chunked(h)])[:n_pos]
+    h, tgt, string_logp, lse_rest = map(chunked, (h, tgt, string_logp, lse_rest))
     start_h = jnp.concatenate([head_old[seen_old], jnp.asarray(start_head)])
 
     def output_loss(rows, part=None):
         """`(objective, (fit term, mean next-token loss))`: with `output_target="base"` the squared gap between the grown
         model's log-probability of each next token and the base's log-probability of its pieces; with "data"
         the cross-entropy of the sample's next tokens. Both with the L2 pull to the start rows."""
-        logits = h @ rows.T
-        lse = jnp.logaddexp(lse_rest, jax.nn.logsumexp(logits, axis=-1))
-        logp = jnp.take_along_axis(logits, tgt[:, None], 1)[:, 0] - lse
-        weight = train_w if part is None else part
-        fit = (((logp - string_logp) ** 2) if config.output_target == "base" else -logp) @ weight / weight.sum()
-        return fit + config.output_l2 * ((rows - start_h) ** 2).sum() / n_new, (fit, -logp @ weight / weight.sum())
+        weight = chunked(train_w if part is None else part)
+
+        @jax.checkpoint  # the backward recomputes a chunk's logits instead of keeping every chunk's
+        def sums(carry, xs):
+            hc, tc, sc, lc, wc = xs
+            logits = hc @ rows.T
+            lse = jnp.logaddexp(lc, jax.nn.logsumexp(logits, axis=-1))
+            logp = jnp.take_along_axis(logits, tc[:, None], 1)[:, 0] - lse
+            term = ((logp - sc) ** 2) if config.output_target == "base" else -logp
+            return (carry[0] + term @ wc, carry[1] - logp @ wc), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (fit, nll), _ = jax.lax.scan(sums, (zero, zero), (h, tgt, string_logp, lse_rest, weight))
+        total = weight.sum()
+        return fit / total + config.output_l2 * ((rows - start_h) ** 2).sum() / n_new, (fit / total, nll / total)
 
     train_w = jnp.asarray(~held_out, jnp.float32)
     held_w = jnp.asarray(held_out, jnp.float32)

@@ -23,12 +23,11 @@ import optax
 from flax import nnx
 
 from zhjax.config import LoraConfig
+from zhjax.data.loader import IGNORE_INDEX
 from zhjax.parallel.rules import batch_sharding, microbatch_sharding, state_shardings
 from zhjax.train.loss import chunked_head_loss
 from zhjax.train.optim import accumulate_gradients, global_norm, parameter_name
 from zhjax.train.state import TrainState, train_state_shardings
-
-IGNORE_INDEX = -100
 
 
 def next_token_targets(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
