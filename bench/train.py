@@ -11,8 +11,9 @@ average is printed first and a run refuses to start above 1.0 (other jobs skew t
 
 All rows: r=8, alpha=32, dropout 0.05 on all seven targets, embed_tokens + lm_head trained, clipping 1.0,
 AdamW. Rows: zhjax fp32 (the setting the training-parity test pins against PyTorch), zhjax bf16 (`dtype:
-bfloat16`: bf16 products with float32 accumulation, float32 master weights and Adam state), the same with the
-fused chunked LM head + loss (`loss_chunk_size: 256`), and transformers + peft fp32. `--only` picks rows. The table also gives how close each gets to the machine: the step's matmul FLOPs
+bfloat16`: bf16 products with float32 accumulation, float32 master weights and Adam state), the same with every
+activation saved for the backward (`remat: none`; the other zhjax rows run the trainer's default policy), the
+same with the fused chunked LM head + loss (`loss_chunk_size: 256`), and transformers + peft fp32. `--only` picks rows. The table also gives how close each gets to the machine: the step's matmul FLOPs
 (counted, see `zhjax.train.metrics.flops_per_token`) over the rate of a large GEMM measured in the same run
 (fp32 numpy; the bf16 row's ceiling is about twice that on AVX-512 BF16 CPUs).
 """
@@ -31,7 +32,8 @@ import numpy as np
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def zhjax_worker(conn, model_dir: str, batch: int, seq: int, dtype: str = "float32", loss_chunk: int = 0) -> None:
+def zhjax_worker(conn, model_dir: str, batch: int, seq: int, dtype: str = "float32", loss_chunk: int = 0,
+                 remat: str = "none") -> None:
     import jax
     import jax.numpy as jnp
 
@@ -44,7 +46,7 @@ def zhjax_worker(conn, model_dir: str, batch: int, seq: int, dtype: str = "float
     from zhjax.train.step import build_train_step
 
     lora = zhjax.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05)
-    model = zhjax.load_pretrained(model_dir, dtype=dtype, lora=lora)
+    model = zhjax.load_pretrained(model_dir, dtype=dtype, lora=lora, remat=remat)
     graphdef, trainable, frozen = split_model(model, trainable_filter(lora))
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)  # master weights in fp32, as the trainer
     fpt = flops_per_token(model.config, count_params(trainable), count_params(frozen), seq, embed_trainable=True)
@@ -128,11 +130,12 @@ def demo_model(base: str, vocab: int, untied: bool) -> str:
     return out
 
 
-SYSTEMS = {  # row name -> (worker, dtype, loss_chunk_size)
-    "zhjax fp32": (zhjax_worker, "float32", 0),
-    "zhjax bf16": (zhjax_worker, "bfloat16", 0),
-    "zhjax bf16 + chunked loss": (zhjax_worker, "bfloat16", 256),
-    "transformers+peft fp32": (torch_worker, "float32", 0),
+SYSTEMS = {  # row name -> (worker, dtype, loss_chunk_size, remat); remat None: the trainer's default
+    "zhjax fp32": (zhjax_worker, "float32", 0, None),
+    "zhjax bf16": (zhjax_worker, "bfloat16", 0, None),
+    "zhjax bf16, remat none": (zhjax_worker, "bfloat16", 0, "none"),
+    "zhjax bf16 + chunked loss": (zhjax_worker, "bfloat16", 256, None),
+    "transformers+peft fp32": (torch_worker, "float32", 0, None),
 }
 
 
@@ -148,6 +151,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="run even when the load average is above 1.0")
     args = parser.parse_args()
     from zhjax._extras import require
+    from zhjax.train.config import JobConfig  # the trainer's default remat policy, what the zhjax rows run
 
     require("torch", "peft", extra="torch", why="the reference side (transformers + peft)", prog="bench/train.py")
     load = os.getloadavg()
@@ -163,9 +167,9 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     workers = {}
     for name in args.only or SYSTEMS:
-        fn, dtype, chunk = SYSTEMS[name]
+        fn, dtype, chunk, remat = SYSTEMS[name]
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=fn, args=(child, model_dir, args.batch, args.seq, dtype, chunk))
+        proc = ctx.Process(target=fn, args=(child, model_dir, args.batch, args.seq, dtype, chunk, remat or JobConfig.remat))
         proc.start()
         workers[name] = (proc, parent)
     fpt = None

@@ -56,7 +56,9 @@ class JobConfig:
     full_finetuning: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: str = "bfloat16"
-    remat: str = "none"
+    # the stacked layers' saved activations cost more to write and read back than recomputing all but the
+    # projections' outputs (README: "The training step"); `none` saves everything
+    remat: str = "dots_with_no_batch_dims"
     remat_names: tuple[str, ...] = ("query_proj", "key_proj", "value_proj", "context")
     attention: str = "xla"
     data: DataConfig = field(default_factory=DataConfig)
