@@ -81,6 +81,21 @@ def test_bf16_matmul_matches_jnp_forward_and_backward():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=0.1)
 
 
+def test_fp32_matmul_equals_jnp_forward_and_backward():
+    """fp32 products on CPU take the same custom backward (row-major transposes): the values must not move."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 24, 40)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 56)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 24, 56)), jnp.float32)
+    f = lambda mm: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(mm(x, w)) * g), (0, 1)))
+    with jax.default_matmul_precision("highest"):
+        (ref, ref_grads), (got, got_grads) = f(jnp.matmul)(x, w), f(matmul)(x, w)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
     """(lhs, rhs) element types of every dot in compiled HLO text (operands are named in the same computation)."""
     out = []

@@ -1,4 +1,4 @@
-"""Matrix products whose forward *and* backward run in bfloat16 on XLA:CPU's matmul library.
+"""Matrix products whose forward *and* backward run as canonical row-major products on XLA:CPU's matmul library.
 
 XLA:CPU multiplies bfloat16 matrices with float32 accumulation at about twice its float32 rate (AVX-512 BF16),
 but only for a product in the canonical layout `[M, K] @ [K, N]` with both operands row-major. The backward of
@@ -6,8 +6,10 @@ but only for a product in the canonical layout `[M, K] @ [K, N]` with both opera
 compiler then finds the product non-canonical and converts both operands to float32 first (twice the bytes, half
 the rate). `matmul` is `x @ w` with a custom backward that multiplies row-major copies of the transposes
 (`row_major_t`: a transpose that XLA must write out), so all three products of a training step's linear layer
-take the bfloat16 path. On other backends, and for float32 operands, it is plain `jnp.matmul`: accelerators
-transpose for free inside the product.
+take the bfloat16 path. In float32 the same backward avoids a different cost: left to itself XLA fuses the
+transpose into the elementwise op that makes the output gradient (the MLP's `silu(gate) * up` backward, for one),
+which then writes in transposed order from all its inputs; the demo's fp32 step took 1.25x as long. On other
+backends it is plain `jnp.matmul`: accelerators transpose for free inside the product.
 
 Products accumulate in float32 (`preferred_element_type`) and are rounded to the operands' dtype afterwards,
 so bf16 results equal `jnp.matmul`'s on bf16 inputs up to that one rounding.
@@ -21,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _use_bf16_path(x: jax.Array, w: jax.Array) -> bool:
-    return x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+def _use_row_major_path(x: jax.Array, w: jax.Array) -> bool:
+    return x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float32) and jax.default_backend() == "cpu"
 
 
 def row_major_t(x: jax.Array) -> jax.Array:
@@ -65,8 +67,9 @@ _matmul_2d.defvjp(_fwd, _bwd)
 
 @partial(jax.named_call, name="matmul")
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x @ w` for `x` `[..., K]` and `w` `[K, N]`; on CPU with bf16 operands, bf16 products forward and backward."""
-    if not _use_bf16_path(x, w):
+    """`x @ w` for `x` `[..., K]` and `w` `[K, N]`; on CPU, canonical row-major products forward and backward (in
+    bf16 for bf16 operands)."""
+    if not _use_row_major_path(x, w):
         return x @ w
     lead = x.shape[:-1]
     y = _matmul_2d(x.reshape(-1, x.shape[-1]), w)
