@@ -1,6 +1,7 @@
 """LoRA (+ embed/head) training tokens/s on the demo's model: zhjax (fp32 and fast) vs transformers + peft.
 
     .venv/bin/python bench/train.py [--vocab 55152] [--untied] [--batch 4] [--seq 256] [--rounds 6] [--force]
+                                    [--only ROW ...] [--baseline REV]
 
 The model is SmolLM2-135M grown to the demo's 55152 rows (`--vocab`; new rows random, which does not change
 the cost), tied as SmolLM2 is or with an untied head (`--untied`), written once as an HF checkpoint under
@@ -13,9 +14,12 @@ All rows: r=8, alpha=32, dropout 0.05 on all seven targets, embed_tokens + lm_he
 AdamW. Rows: zhjax fp32 (the setting the training-parity test pins against PyTorch), zhjax bf16 (`dtype:
 bfloat16`: bf16 products with float32 accumulation, float32 master weights and Adam state), the same with every
 activation saved for the backward (`remat: none`; the other zhjax rows run the trainer's default policy), the
-same with the fused chunked LM head + loss (`loss_chunk_size: 256`), and transformers + peft fp32. `--only` picks rows. The table also gives how close each gets to the machine: the step's matmul FLOPs
-(counted, see `zhjax.train.metrics.flops_per_token`) over the rate of a large GEMM measured in the same run
-(fp32 numpy; the bf16 row's ceiling is about twice that on AVX-512 BF16 CPUs).
+same with the fused chunked LM head + loss (`loss_chunk_size: 256`), and transformers + peft fp32. `--only`
+picks rows; `--baseline REV` adds zhjax as it was at git revision REV (that revision's own fp32 worker and
+package, extracted under `outputs/bench-train/`), so a speed-up is measured against the code it started from, in
+the same run. The table also gives how close each gets to the machine: the step's matmul FLOPs (counted, see
+`zhjax.train.metrics.flops_per_token`) over the rate of a large GEMM measured in the same run (fp32 numpy; the
+bf16 row's ceiling is about twice that on AVX-512 BF16 CPUs).
 """
 
 from __future__ import annotations
@@ -97,6 +101,35 @@ def torch_worker(conn, model_dir: str, batch: int, seq: int, *_) -> None:
     conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def baseline_worker(conn, model_dir: str, batch: int, seq: int, tree: str) -> None:
+    """The zhjax worker of an earlier revision (`--baseline`): its own `bench/train.py` and `zhjax`, from `tree`."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, tree)  # before the installed (editable) zhjax: this process imports the old package
+    spec = importlib.util.spec_from_file_location("baseline_bench_train", os.path.join(tree, "bench", "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import zhjax
+
+    assert os.path.dirname(zhjax.__file__) == os.path.join(tree, "zhjax"), zhjax.__file__
+    module.zhjax_worker(conn, model_dir, batch, seq)  # the earlier worker speaks the same pipe protocol
+
+
+def baseline_tree(rev: str) -> str:
+    """The files of git revision `rev` under outputs/bench-train/ (`git archive`, once per commit)."""
+    import subprocess
+
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = os.path.abspath(f"outputs/bench-train/rev-{sha[:12]}")
+    if not os.path.exists(os.path.join(tree, "bench", "train.py")):
+        os.makedirs(tree, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    return tree
+
+
 def gemm_rate(n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of a large fp32 matmul (numpy's BLAS) on this machine, now."""
     a = np.random.default_rng(0).standard_normal((n, n), np.float32)
@@ -149,6 +182,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--only", nargs="*", choices=list(SYSTEMS), help="a subset of the rows")
     parser.add_argument("--force", action="store_true", help="run even when the load average is above 1.0")
+    parser.add_argument("--baseline", metavar="REV", help="add a row: zhjax at git revision REV, as that revision's "
+                        "own bench/train.py ran it (its zhjax worker, its package), e.g. the commit an issue measured")
     args = parser.parse_args()
     from zhjax._extras import require
     from zhjax.train.config import JobConfig  # the trainer's default remat policy, what the zhjax rows run
@@ -172,6 +207,12 @@ def main() -> None:
         proc = ctx.Process(target=fn, args=(child, model_dir, args.batch, args.seq, dtype, chunk, remat or JobConfig.remat))
         proc.start()
         workers[name] = (proc, parent)
+    if args.baseline:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=baseline_worker, args=(child, model_dir, args.batch, args.seq,
+                                                         baseline_tree(args.baseline)))
+        proc.start()
+        workers[f"zhjax at {args.baseline}"] = (proc, parent)
     fpt = None
     for _, conn in workers.values():
         tag, value = conn.recv()
