@@ -1,6 +1,7 @@
 """Where the demo's training step spends its time: each part timed alone, interleaved with the whole step.
 
-    .venv/bin/python bench/step_profile.py [--dtype float32|bfloat16] [--loss-chunk 0|256] [--untied] [--rounds 3]
+    .venv/bin/python bench/step_profile.py [--dtype float32|bfloat16] [--loss-chunk 0|256] [--untied] [--remat P]
+                                           [--rounds 3]
 
 SmolLM2-135M's shape grown to 55152 rows (random weights: the cost does not depend on them), LoRA r8 on all
 seven projections + embed/head trained, batch 4 x 256, as `bench/train.py`. Every part is jitted on the real
@@ -27,6 +28,7 @@ from zhjax.model.llama import LlamaForCausalLM
 from zhjax.model.matmul import matmul
 from zhjax.model.params import modules_filter, split_model, trainable_filter
 from zhjax.parallel.mesh import make_mesh
+from zhjax.train.config import JobConfig
 from zhjax.train.optim import OptimConfig, build_optimizer
 from zhjax.train.state import init_train_state
 from zhjax.train.step import build_train_step, loss_sum_fn
@@ -36,7 +38,7 @@ def parts(args) -> dict:
     """name -> a zero-argument function running that part once (compiled on first call)."""
     cfg, _ = read_config(args.model)
     cfg = cfg.replace(vocab_size=args.vocab, tie_word_embeddings=not args.untied, dtype=args.dtype,
-                      param_dtype=args.dtype)
+                      param_dtype=args.dtype, remat=args.remat)
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05)
     gd, tr, fr = split_model(LlamaForCausalLM(cfg, lora, rngs=nnx.Rngs(0)), trainable_filter(lora))
     tr = jax.tree.map(lambda x: x.astype(jnp.float32), tr)
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--untied", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--loss-chunk", type=int, default=0)
+    parser.add_argument("--remat", default=JobConfig.remat, help="the layers' remat policy (default: the trainer's)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
@@ -152,7 +155,7 @@ def main() -> None:
             jax.block_until_ready(f())
             times[name].append((time.perf_counter() - t) * mult)
     whole = times["whole step"]
-    setting = f"{args.dtype}, loss_chunk_size {args.loss_chunk}, {'untied' if args.untied else 'tied'} head"
+    setting = f"{args.dtype}, loss_chunk_size {args.loss_chunk}, {'untied' if args.untied else 'tied'} head, remat {args.remat}"
     print(f"\n{setting}; median of {args.rounds} interleaved rounds\n")
     print("| part | s | share of the step (same round) |")
     print("|---|---|---|")
