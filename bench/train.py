@@ -15,7 +15,7 @@ AdamW. Rows: zhjax fp32 (the setting the training-parity test pins against PyTor
 bfloat16`: bf16 products with float32 accumulation, float32 master weights and Adam state), the same with every
 activation saved for the backward (`remat: none`; the other zhjax rows run the trainer's default policy), the
 same with the fused chunked LM head + loss (`loss_chunk_size: 256`), and transformers + peft fp32. `--only`
-picks rows; `--baseline REV` adds zhjax as it was at git revision REV (that revision's own fp32 worker and
+picks rows (default: all but the chunked loss, which would not fit a 24 GiB machine beside the others); `--baseline REV` adds zhjax as it was at git revision REV (that revision's own fp32 worker and
 package, extracted under `outputs/bench-train/`), so a speed-up is measured against the code it started from, in
 the same run. The table also gives how close each gets to the machine: the step's matmul FLOPs (counted, see
 `zhjax.train.metrics.flops_per_token`) over the rate of a large GEMM measured in the same run (fp32 numpy; the
@@ -119,14 +119,18 @@ def baseline_worker(conn, model_dir: str, batch: int, seq: int, tree: str) -> No
 def baseline_tree(rev: str) -> str:
     """The files of git revision `rev` under outputs/bench-train/ (`git archive`, once per commit)."""
     import subprocess
+    from pathlib import Path
+
+    from zhjax.ownership import atomic_path
 
     sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True,
                          check=True).stdout.strip()
     tree = os.path.abspath(f"outputs/bench-train/rev-{sha[:12]}")
-    if not os.path.exists(os.path.join(tree, "bench", "train.py")):
-        os.makedirs(tree, exist_ok=True)
+    if not os.path.exists(tree):
         archive = subprocess.run(["git", "archive", sha], capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        with atomic_path(Path(tree)) as tmp:  # an interrupted extraction leaves no half tree behind
+            tmp.mkdir()
+            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
     return tree
 
 
@@ -170,6 +174,8 @@ SYSTEMS = {  # row name -> (worker, dtype, loss_chunk_size, remat); remat None: 
     "zhjax bf16 + chunked loss": (zhjax_worker, "bfloat16", 256, None),
     "transformers+peft fp32": (torch_worker, "float32", 0, None),
 }
+# without --only: four workers, about 18 GiB of peak RSS together (all five with a baseline do not fit 23 GiB)
+DEFAULT_ROWS = ["zhjax fp32", "zhjax bf16", "zhjax bf16, remat none", "transformers+peft fp32"]
 
 
 def main() -> None:
@@ -201,7 +207,7 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     workers = {}
-    for name in args.only or SYSTEMS:
+    for name in args.only or DEFAULT_ROWS:
         fn, dtype, chunk, remat = SYSTEMS[name]
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=fn, args=(child, model_dir, args.batch, args.seq, dtype, chunk, remat or JobConfig.remat))
