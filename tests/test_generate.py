@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -373,6 +374,23 @@ def test_cli_input_file_writes_one_output_per_record(tmp_path, assets):
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in o.items() if k != "output"} for o in out] == records
     assert all(isinstance(o["output"], str) for o in out)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"instruction": "a"}\n\n{"instruction": "b",}\n', r"in\.jsonl:3: malformed JSON: Expecting property name enclosed in double quotes \(column 21\)"),
+    ('{"instruction": "a"}\n["b"]\n', r"in\.jsonl:2: expected an object with an 'instruction'"),
+])
+def test_cli_input_file_refuses_a_bad_line_before_loading_a_model(tmp_path, capsys, text, expected):
+    from zhjax.infer.cli import generate_main
+
+    (tmp_path / "in.jsonl").write_text(text)
+    argv = ["--model", str(tmp_path / "no-model-here"), "--input-file", str(tmp_path / "in.jsonl"),
+            "--output-file", str(tmp_path / "out.jsonl")]
+    assert generate_main(argv) == 2  # the missing model is never reached
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("zhjax generate: ")
+    assert re.search(expected, err), err
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @needs_torch

@@ -30,6 +30,21 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the line, byte offset, record or field at fault."""
 
 
+def jsonl_records(text: str, path: str | Path) -> list[tuple[int, object]]:
+    """`(line number, record)` for every non-blank line of a JSON Lines text; a malformed line is a `DataError` naming
+    `path:line`. The one JSONL reader of examples, prompt files and metrics (the streaming pre-training reader, which
+    reads byte ranges of files too large to hold, decodes its lines itself)."""
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    return out
+
+
 @dataclass(frozen=True)
 class DataFile:
     """One input file: its fsspec URL or path, size in bytes, format (".txt", ".jsonl", ".json") and compression."""

@@ -42,6 +42,7 @@ from zhjax.data.files import (
     discover_files,
     encode_texts,
     forking_workers,
+    jsonl_records,
     read_all,
 )
 from zhjax.data.loader import IGNORE_INDEX
@@ -235,7 +236,7 @@ def iter_records(paths: str | Path | Sequence[str | Path], *, encoding: str = "u
     for f in discover_files(paths, SFT_EXTENSIONS):
         raw = read_all(f)
         text = decode(raw, f.path, encoding, errors, at_start=True, line_of=lambda at, raw=raw: raw[:at].count(b"\n") + 1)
-        records = _json_list(text, f.path) if f.fmt == ".json" else _json_lines(text, f.path)
+        records = _json_list(text, f.path) if f.fmt == ".json" else jsonl_records(text, f.path)
         if not records:
             print(f"zhjax: warning: {f.path}: holds no records (skipped)", file=sys.stderr)
         yield from ((f.path, line, r) for line, r in records)
@@ -276,18 +277,6 @@ def _json_list(text: str, path: str) -> list[tuple[int, object]]:
         except json.JSONDecodeError as e:
             raise fail(e) from None
         raise DataError(f"{path}:{lines.line_of(at)}: malformed JSON after a record")
-
-
-def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-    return out
 
 
 def _skip_space(text: str, at: int) -> int:

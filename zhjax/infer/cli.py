@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from zhjax.data.files import jsonl_records
 from zhjax.infer.chat import CHOICES, Conversation, build_prompt, run_chat
 from zhjax.tokenizer.files import TOKENIZER_MODEL_FILES
 
@@ -165,13 +166,7 @@ def _apply_ntk(args, model, needed_len: int) -> None:
 
 def _read_records(path: str) -> list[dict]:
     records = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON object ({e})") from e
+    for n, record in jsonl_records(Path(path).read_text(encoding="utf-8"), path):
         if not isinstance(record, dict) or not ("instruction" in record or "prompt" in record):
             raise ValueError(f"{path}:{n}: expected an object with an 'instruction' (and optional 'input') or 'prompt'")
         records.append(record)
@@ -190,6 +185,12 @@ def generate_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.input_file and not args.output_file:
         parser.error("--input-file needs --output-file")
+    if args.input_file:  # a bad prompts file is refused before a model is loaded
+        try:
+            records = _read_records(args.input_file)
+        except (OSError, ValueError) as e:
+            print(f"zhjax generate: {e}", file=sys.stderr)
+            return 2
 
     from zhjax.data.templates import join_instruction
     from zhjax.infer.generate import Decoder, generate
@@ -210,7 +211,6 @@ def generate_main(argv: list[str]) -> int:
         sys.stdout.flush()
         return 0
 
-    records = _read_records(args.input_file)
     prompts = [
         build_prompt(args.template, join_instruction(r["instruction"], r.get("input")), tokenizer,
                      system_prompt=args.system_prompt) if "instruction" in r

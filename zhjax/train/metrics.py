@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from zhjax.config import ModelConfig
+from zhjax.data.files import jsonl_records
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` substring.
 PEAK_FLOPS = {
@@ -62,8 +63,8 @@ def flops_per_token(
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
     """The records a run wrote to `output_dir/metrics.jsonl`, in order (what `MetricsLogger` writes)."""
-    lines = (Path(output_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    path = Path(output_dir) / "metrics.jsonl"
+    return [record for _, record in jsonl_records(path.read_text(encoding="utf-8"), path)]
 
 class MetricsLogger:
     """Writes metric records to stdout, `output_dir/metrics.jsonl` and TensorBoard (`output_dir/tensorboard`)."""
