@@ -41,8 +41,9 @@ $(TPU_STAMP): $(STAMP)
 	rm -f $(VENV)/.tpu-*
 	touch $(TPU_STAMP)
 
+# --durations: every run (CI's too) lists its slowest tests, so a suite drifting past its 30 minutes shows where
 test: $(TPU_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The fast tier: every test but those marked slow (tests/conftest.py lists them, by measured time); no libtpu needed.
 test-fast: $(STAMP)

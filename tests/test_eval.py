@@ -259,7 +259,18 @@ def test_recipe_cloze_accuracy_scores_each_model_on_the_test_split(assets, corpu
     assert result["base model"]["questions"] == 2 and 0.0 <= result["base model"]["average"] <= 1.0
     table = format_results({"tokens_per_char": {"base": 1.0, "extended": 1.0}, "bits_per_char": {}, "tasks": {},
                             "cloze_accuracy": result, "heldout_characters": 0, "test_examples": 0, "samples": []})
-    assert f"| cloze accuracy (test split, 2 questions), base model | {result['base model']['average']:.3f} |" in table
+    assert (f"| cloze accuracy (test split, 2 questions, chance 0.25), base model | {result['base model']['average']:.3f} "
+            f"(95% interval ") in table
+
+
+def test_cloze_accuracy_interval_is_the_wilson_interval():
+    from zhjax.recipe.cloze import accuracy_interval
+
+    # 8 of 40 right: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.96, worked by hand: 0.1050-0.3476
+    low, high = accuracy_interval(0.2, 40)
+    assert abs(low - 0.1050) < 5e-4 and abs(high - 0.3476) < 5e-4
+    low, high = accuracy_interval(1.0, 10)
+    assert high == 1.0 and abs(low - 10 / (10 + 1.96**2)) < 5e-4  # all right: n / (n + z^2)
 
 
 MESH_SCORE = textwrap.dedent(

@@ -18,7 +18,8 @@ def build_cloze_set(tagged: str | Path, out: Path, *, questions: int, shots: int
 
 
 def cloze_accuracy(models: dict[str, Path | str], cloze: Path, *, shots: int, batch_size: int = 8) -> dict:
-    """{model name: {"average": accuracy, "categories": {category: accuracy}}} on the set's test split."""
+    """{model name: {"average": accuracy, "questions": n, "interval": (low, high) at 95%, "categories": {category:
+    accuracy}}} on the set's test split."""
     from zhjax.eval.choice import load_benchmark, summarize
     from zhjax.eval.run import evaluate_model
     from zhjax.infer.cli import load_model, load_tokenizer_for
@@ -29,6 +30,16 @@ def cloze_accuracy(models: dict[str, Path | str], cloze: Path, *, shots: int, ba
         model, tokenizer = load_model(path, dtype="float32"), load_tokenizer_for(path)
         scored = evaluate_model(model, tokenizer, subjects, batch_size=batch_size, progress=False)
         summary = summarize("ceval", cloze, subjects, {k: [r["prediction"] for r in v] for k, v in scored.items()})
-        out[name] = {"average": summary["average"]["accuracy"], "questions": summary["average"]["num"],
+        accuracy, n = summary["average"]["accuracy"], summary["average"]["num"]
+        out[name] = {"average": accuracy, "questions": n, "interval": accuracy_interval(accuracy, n),
                      "categories": {c: v["accuracy"] for c, v in summary["categories"].items()}}
     return out
+
+
+def accuracy_interval(accuracy: float, questions: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of an accuracy over `questions` questions: at the demo's few questions per model, what
+    the differences between models are worth (chance is 0.25 with four options)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(round(accuracy * questions), questions).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
