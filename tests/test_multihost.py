@@ -119,6 +119,13 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path)
     np.testing.assert_allclose([losses[s] for s in range(1, 5)], [single[s] for s in range(1, 5)], atol=1e-5, rtol=0)
     # process 0 alone wrote the logs and the adapter; orbax wrote the checkpoints from both
     assert (multi / "adapter" / "adapter_model.safetensors").stat().st_size > 10_000
+    # the adapter gathered from both processes' shards is the one process's adapter
+    from safetensors.numpy import load_file
+
+    gathered, alone = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (multi, tmp_path / "single"))
+    assert gathered.keys() == alone.keys()
+    for name, value in gathered.items():
+        np.testing.assert_allclose(value, alone[name], atol=1e-5, rtol=0, err_msg=name)
     assert sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert "step=1 " not in results[1][1] and "step=3 " in results[0][1]
 

@@ -380,16 +380,18 @@ def _sync(name: str) -> None:
 
 
 def _fully_replicated(tree):
-    """`tree` (arrays or an NNX module) with every array replicated on every device, so any process can read it.
+    """`tree` (arrays or an NNX module) with every array whole on every process's host, so any process can read it.
 
     Single-process runs read sharded arrays directly; this is for multi-process runs, where a process holds only
-    its own shards. Collective: every process must call it.
+    its own shards: `multihost_utils.process_allgather` gathers each global array. Collective: every process must
+    call it.
     """
     if jax.process_count() == 1:
         return tree
+    from jax.experimental import multihost_utils
+
     graphdef, state = nnx.split(tree) if isinstance(tree, nnx.Module) else (None, tree)
-    mesh = next(x.sharding.mesh for x in jax.tree.leaves(state) if isinstance(x.sharding, jax.sharding.NamedSharding))
-    state = jax.jit(lambda s: s, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(state)
+    state = multihost_utils.process_allgather(state, tiled=True)
     return state if graphdef is None else nnx.merge(graphdef, state)
 
 
