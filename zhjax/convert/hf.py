@@ -501,3 +501,37 @@ def save_hf(
         max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
     )
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError as e:
+        raise ValueError(f"dtype {dtype!r} is not a dtype name such as 'float32' or 'bfloat16'") from e
+
+
+def load_pretrained(path: str | Path, dtype="float32", lora: LoraConfig | None = None, **model_overrides):
+    """Load an HF LLaMA-family directory as a zhjax model (weights and compute in `dtype`); `zhjax.load_pretrained`.
+
+    `lora` adds fresh PEFT-initialised adapters; `model_overrides` change `ModelConfig` fields such as
+    `remat` or `attention`.
+    """
+    name = _dtype_name(dtype)
+    config, _ = read_config(path)
+    config = config.replace(dtype=name, param_dtype=name, **model_overrides)
+    return load_params(path, config, lora)
+
+
+def save_pretrained(model, out_dir: str | Path, tokenizer=None, dtype: str | None = None) -> Path:
+    """Write `model` as an HF directory, LoRA merged in; `zhjax.save_pretrained`.
+
+    `tokenizer` is a directory whose tokenizer files are copied, or an HF tokenizer object (`save_pretrained`
+    is called on it).
+    """
+    import tempfile
+
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        return save_hf(model, out_dir, dtype=dtype, tokenizer_dir=tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return save_hf(model, out_dir, dtype=dtype, tokenizer_dir=tmp)

@@ -320,11 +320,11 @@ def load_with_adapters(base: str | Path, adapters: Sequence[str | Path], *, dtyp
     Same checks as `merge_adapters`. The model has the final vocabulary (embedding and head from the adapters);
     one adapter keeps its own LoRA config; several are stacked into one LoRA of the summed rank (see module doc).
     """
-    import zhjax
+    from zhjax.convert.hf import load_pretrained
     from zhjax.model.llama import LlamaForCausalLM
 
     plan = plan_merge(base, adapters)
-    base_model = zhjax.load_pretrained(plan.base, dtype=dtype)
+    base_model = load_pretrained(plan.base, dtype=dtype)
     lora, factors = _stacked_lora(plan)
     config = base_model.config.replace(vocab_size=plan.vocab_size, tie_word_embeddings=plan.tie_word_embeddings)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, lora, rngs=nnx.Rngs(0))))

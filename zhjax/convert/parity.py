@@ -46,11 +46,11 @@ def compare_with_transformers(model_dir: str | Path, texts=DEFAULT_TEXTS) -> Par
     import torch
     import transformers
 
-    import zhjax
+    from zhjax.convert.hf import load_pretrained
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     t0 = time.perf_counter()
-    model = zhjax.load_pretrained(model_dir, dtype="float32")
+    model = load_pretrained(model_dir, dtype="float32")
     t1 = time.perf_counter()
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     t2 = time.perf_counter()

@@ -99,7 +99,7 @@ def apply_adapter(model, adapter_dir: str | Path):
 
 def load_model(path: str | Path, *, adapters=(), dtype: str | None = None):
     """The model at `path` (HF dir or zhjax base checkpoint) in `dtype`, with `adapters` merged in order."""
-    import zhjax
+    from zhjax.convert.hf import load_pretrained
 
     path = Path(path)
     dtype = dtype or _default_dtype()
@@ -110,7 +110,7 @@ def load_model(path: str | Path, *, adapters=(), dtype: str | None = None):
         if model.config.param_dtype != dtype or model.config.dtype != dtype:
             model = _rebuild(model, model.config.replace(dtype=dtype, param_dtype=dtype), None)
     elif (path / "config.json").exists():
-        model = zhjax.load_pretrained(path, dtype=dtype)
+        model = load_pretrained(path, dtype=dtype)
     else:
         raise FileNotFoundError(f"{path}: neither an HF model dir (config.json) nor a zhjax checkpoint (zhjax.json)")
     for adapter in adapters:
