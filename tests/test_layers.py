@@ -99,3 +99,13 @@ def test_a_function_local_import_cycle_is_found(tmp_path):
     graph = _import_graph(tmp_path)
     assert any({"zhjax.convert.hf", "zhjax.convert.merge"} <= set(cycle) for cycle in _cycles(graph))
     assert "zhjax" in graph["zhjax.infer.cli"]
+
+
+def test_the_data_pipeline_imports_no_flax():
+    # the pre-training pipeline runs in data-only processes and its import is inside bench/data.py's clock: flax
+    # costs 0.2 s there (the loader once took its batch axes from zhjax.parallel.rules, which imports flax)
+    code = "import sys, zhjax.data.pretrain, zhjax.data.sft; print(sorted(m for m in sys.modules if m.split('.')[0] == 'flax'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
