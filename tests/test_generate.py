@@ -379,11 +379,18 @@ def test_cli_input_file_writes_one_output_per_record(tmp_path, assets):
 @pytest.mark.parametrize("text, expected", [
     ('{"instruction": "a"}\n\n{"instruction": "b",}\n', r"in\.jsonl:3: malformed JSON: Expecting property name enclosed in double quotes \(column 21\)"),
     ('{"instruction": "a"}\n["b"]\n', r"in\.jsonl:2: expected an object with an 'instruction'"),
+    ('{"instruction": "\u4f60"}\n'.encode("gbk"), r"in\.jsonl: not UTF-8 text \(invalid continuation byte at byte 17\)"),
+    ("", None),  # no file at all
 ])
 def test_cli_input_file_refuses_a_bad_line_before_loading_a_model(tmp_path, capsys, text, expected):
     from zhjax.infer.cli import generate_main
 
-    (tmp_path / "in.jsonl").write_text(text)
+    if isinstance(text, bytes):
+        (tmp_path / "in.jsonl").write_bytes(text)
+    elif expected is not None:
+        (tmp_path / "in.jsonl").write_text(text)
+    else:
+        expected = r"No such file or directory: '.*in\.jsonl'"
     argv = ["--model", str(tmp_path / "no-model-here"), "--input-file", str(tmp_path / "in.jsonl"),
             "--output-file", str(tmp_path / "out.jsonl")]
     assert generate_main(argv) == 2  # the missing model is never reached

@@ -166,7 +166,11 @@ def _apply_ntk(args, model, needed_len: int) -> None:
 
 def _read_records(path: str) -> list[dict]:
     records = []
-    for n, record in jsonl_records(Path(path).read_text(encoding="utf-8"), path):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, record in jsonl_records(text, path):
         if not isinstance(record, dict) or not ("instruction" in record or "prompt" in record):
             raise ValueError(f"{path}:{n}: expected an object with an 'instruction' (and optional 'input') or 'prompt'")
         records.append(record)
