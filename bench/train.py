@@ -101,8 +101,10 @@ def torch_worker(conn, model_dir: str, batch: int, seq: int, *_) -> None:
     conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def baseline_worker(conn, model_dir: str, batch: int, seq: int, tree: str) -> None:
-    """The zhjax worker of an earlier revision (`--baseline`): its own `bench/train.py` and `zhjax`, from `tree`."""
+def baseline_worker(conn, model_dir: str, batch: int, seq: int, tree: str, dtype: str = "float32",
+                    remat: str | None = None) -> None:
+    """The zhjax worker of an earlier revision (`--baseline`): its own `bench/train.py` and `zhjax`, from `tree`;
+    `dtype` and `remat` are passed on only for a bf16 baseline (the oldest workers take neither)."""
     import importlib.util
     import sys
 
@@ -113,7 +115,8 @@ def baseline_worker(conn, model_dir: str, batch: int, seq: int, tree: str) -> No
     import zhjax
 
     assert os.path.dirname(zhjax.__file__) == os.path.join(tree, "zhjax"), zhjax.__file__
-    module.zhjax_worker(conn, model_dir, batch, seq)  # the earlier worker speaks the same pipe protocol
+    kwargs = {} if dtype == "float32" else {"dtype": dtype, "remat": remat}
+    module.zhjax_worker(conn, model_dir, batch, seq, **kwargs)  # the earlier worker speaks the same pipe protocol
 
 
 def baseline_tree(rev: str) -> str:
@@ -190,6 +193,9 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="run even when the load average is above 1.0")
     parser.add_argument("--baseline", metavar="REV", help="add a row: zhjax at git revision REV, as that revision's "
                         "own bench/train.py ran it (its zhjax worker, its package), e.g. the commit an issue measured")
+    parser.add_argument("--baseline-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the baseline row's dtype (bfloat16 needs a revision whose worker takes one; it then runs "
+                             "with this revision's default remat, as the zhjax rows do)")
     args = parser.parse_args()
     from zhjax._extras import require
     from zhjax.train.config import JobConfig  # the trainer's default remat policy, what the zhjax rows run
@@ -216,9 +222,11 @@ def main() -> None:
     if args.baseline:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=baseline_worker, args=(child, model_dir, args.batch, args.seq,
-                                                         baseline_tree(args.baseline)))
+                                                         baseline_tree(args.baseline), args.baseline_dtype,
+                                                         JobConfig.remat))
         proc.start()
-        workers[f"zhjax at {args.baseline}"] = (proc, parent)
+        suffix = "" if args.baseline_dtype == "float32" else " bf16"
+        workers[f"zhjax at {args.baseline}{suffix}"] = (proc, parent)
     fpt = None
     for _, conn in workers.values():
         tag, value = conn.recv()
