@@ -27,8 +27,9 @@ def cloze_accuracy(models: dict[str, Path | str], cloze: Path, *, shots: int, ba
     subjects = load_benchmark("ceval", cloze, "test", shots)
     out = {}
     for name, path in models.items():
+        print(f"[cloze] {name}", flush=True)  # then the questions' progress bar
         model, tokenizer = load_model(path, dtype="float32"), load_tokenizer_for(path)
-        scored = evaluate_model(model, tokenizer, subjects, batch_size=batch_size, progress=False)
+        scored = evaluate_model(model, tokenizer, subjects, batch_size=batch_size)
         summary = summarize("ceval", cloze, subjects, {k: [r["prediction"] for r in v] for k, v in scored.items()})
         accuracy, n = summary["average"]["accuracy"], summary["average"]["num"]
         out[name] = {"average": accuracy, "questions": n, "interval": accuracy_interval(accuracy, n),

@@ -414,7 +414,7 @@ def format_results(r: dict) -> str:
         out.append(f"| pre-training speed, {name} | {v['tokens_per_second']:.0f} tokens/s = "
                    f"{v['characters_per_second']:.0f} characters/s ({v['steps']} steps) |")
     for name, v in r.get("cloze_accuracy", {}).items():
-        low, high = v.get("interval", (float("nan"), float("nan")))
+        low, high = v["interval"]
         out.append(f"| cloze accuracy (test split, {v['questions']} questions, chance 0.25), {name} | {v['average']:.3f} "
                    f"(95% interval {low:.2f}-{high:.2f}) |")
     out.append(f"\nheld-out text: {r['heldout_characters']} characters; test examples: {r['test_examples']}")

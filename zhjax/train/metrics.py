@@ -66,6 +66,7 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [record for _, record in jsonl_records(path.read_text(encoding="utf-8"), path)]
 
+
 class MetricsLogger:
     """Writes metric records to stdout, `output_dir/metrics.jsonl` and TensorBoard (`output_dir/tensorboard`)."""
 

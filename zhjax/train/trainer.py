@@ -350,7 +350,7 @@ def save(ckpt: RunCheckpointer, step: int, state: TrainState, run: Run) -> None:
     ckpt.save(step, state, {"data": run.data.state_dict(), "seed": cfg.seed, "config": jsonable(cfg)})
     if not cfg.full_finetuning:
         # the adapter export reads every shard of the trainable state: replicate it (all processes take part)
-        model = nnx.merge(run.graphdef, _fully_replicated(state.trainable), run.frozen)
+        model = nnx.merge(run.graphdef, _gathered_on_host(state.trainable), run.frozen)
         if run.is_main and model.lora is not None:
             from zhjax.convert.peft import save_peft_adapter
 
@@ -366,7 +366,7 @@ def export_base(model: LlamaForCausalLM, cfg: JobConfig, out: OutputDir, is_main
     """A randomly initialised base written to `output_dir/base`, so the adapters saved later have a base to load onto."""
     from zhjax.convert.hf import save_hf
 
-    host_model = _fully_replicated(model)  # every process takes part; process 0 writes
+    host_model = _gathered_on_host(model)  # every process takes part; process 0 writes
     if is_main:
         save_hf(host_model, out.local / "base", tokenizer_dir=cfg.tokenizer, overwrite=True)  # checked by check_job
 
@@ -379,7 +379,7 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _fully_replicated(tree):
+def _gathered_on_host(tree):
     """`tree` (arrays or an NNX module) with every array whole on every process's host, so any process can read it.
 
     Single-process runs read sharded arrays directly; this is for multi-process runs, where a process holds only
