@@ -165,3 +165,29 @@ def test_dropout_drops_at_the_configured_rate_and_keeps_the_mean():
     assert abs(y.mean() - 1.0) < 0.01
     assert np.array_equal(np.asarray(dropout(x, 0.05, jax.random.key(0))), y)
     assert not np.array_equal(np.asarray(dropout(x, 0.05, jax.random.key(1))), y)
+
+
+def test_dropout_bytes_are_uniform_and_independent_of_their_neighbours_and_of_other_keys():
+    """`random_bytes` (the counter hash behind LoRA dropout): byte values uniform, adjacent bytes (within a word
+    and across words) independent, and the streams of split/folded keys independent of each other (chi-square
+    tests; a weak mix, e.g. one round, or a stream shared by two keys fails them)."""
+    from scipy import stats
+
+    from zhjax.model.lora import random_bytes
+
+    n = 1 << 20
+    key = jax.random.key(0)
+    a = np.asarray(random_bytes(key, n)).astype(np.int64)
+    assert a.shape == (n,)
+    assert stats.chisquare(np.bincount(a, minlength=256)).pvalue > 1e-4
+
+    def independent(u, v):  # the top 4 bits of two byte streams, as a 16 x 16 contingency table
+        table = np.zeros((16, 16))
+        np.add.at(table, (u >> 4, v >> 4), 1)
+        return stats.chi2_contingency(table).pvalue > 1e-4
+
+    assert independent(a[:-1], a[1:])  # neighbours, three of four inside one word
+    assert independent(a[:-4], a[4:])  # the same byte of consecutive words
+    for other in (jax.random.key(1), jax.random.split(key)[1], jax.random.fold_in(key, 1)):
+        assert independent(a, np.asarray(random_bytes(other, n)).astype(np.int64))
+    np.testing.assert_array_equal(np.asarray(random_bytes(key, 10)), a[:10])  # a prefix: a function of the index

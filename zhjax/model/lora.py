@@ -34,19 +34,46 @@ def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float, dtype) -> jax
     return jax.random.uniform(key, shape, dtype=jnp.float32, minval=-bound, maxval=bound).astype(dtype)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Inverted dropout with 8 random bits per element.
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: the counter's odd step (Weyl sequence)
 
-    `jax.random.bernoulli` draws 32 bits per element, which on CPU costs more than the LoRA matmuls it guards;
-    four 8-bit draws per 32-bit word are about 3x cheaper. The rate is rounded to a multiple of 1/256
-    (0.05 -> 0.0508) and kept values are scaled by the realised keep probability, so the expectation is exact.
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser (fmix32): a bijection of uint32 in which every input bit flips each output
+    bit with probability about 1/2."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def random_bytes(key: jax.Array, n: int) -> jax.Array:
+    """`n` random uint8 values for `key`: a counter-based generator, 4 bytes per 32-bit word.
+
+    Word i is `mix(mix(i * golden + s0) ^ s1)`, with `s0, s1` drawn from `key` by `jax.random.bits` (so every
+    key `jax.random` splits or folds gives its own stream, whatever the key's implementation). The same key gives
+    the same bytes under any sharding (a function of the index alone). About 9x cheaper than
+    `jax.random.bits` on XLA:CPU (threefry, 20 rounds per 8 bytes; `rbg` and Philox are no faster there): for the
+    demo's LoRA dropout masks, 153 MB a step, 41 against 368 ms. For dropout masks, not for cryptography.
+    """
+    s = jax.random.bits(key, (2,), jnp.uint32)
+    words = jax.lax.iota(jnp.uint32, -(-n // 4))
+    words = _mix32(_mix32(words * jnp.uint32(_GOLDEN) + s[0]) ^ s[1])
+    return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n]
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout with 8 random bits per element, from `random_bytes`.
+
+    `jax.random.bernoulli` draws 32 threefry bits per element, which on CPU costs more than the LoRA matmuls it
+    guards; 8-bit draws from a counter hash are about 9x cheaper than 8-bit threefry draws (the bf16 demo step
+    4.50 against 4.66 s). The rate is rounded to a multiple of 1/256 (0.05 -> 0.0508) and kept values are
+    scaled by the realised keep probability, so the expectation is exact.
     """
     threshold = round(rate * 256)
     if threshold == 0:
         return x
-    n = x.size
-    words = jax.random.bits(key, (-(-n // 4),), jnp.uint32)
-    bits = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
+    bits = random_bytes(key, x.size).reshape(x.shape)
     keep_prob = 1.0 - threshold / 256
     return jnp.where(bits >= threshold, x / keep_prob, 0).astype(x.dtype)
 
