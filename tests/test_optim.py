@@ -307,12 +307,15 @@ def test_optimizer_state_holds_only_trainable_leaves_and_frozen_weights_cannot_m
     assert isinstance(trainable, nnx.State)
 
 
-def test_accumulate_gradients_weights_micro_batches_by_tokens():
+@pytest.mark.parametrize("micro", [4, 1, "one empty"])
+def test_accumulate_gradients_weights_micro_batches_by_tokens(micro):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((4, 6, 3)), jnp.float32)  # [micro, tokens, features]
     y = jnp.asarray(rng.standard_normal((4, 6)), jnp.float32)
     # 6, 1, 0 and 4 target tokens: very unequal micro-batches (one empty)
     mask = jnp.asarray([[1] * 6, [1, 0, 0, 0, 0, 0], [0] * 6, [0, 1, 1, 1, 1, 0]], jnp.float32)
+    if micro != 4:  # one micro-batch (the path without an accumulator): the first, or the empty one
+        x, y, mask = (a[:1] if micro == 1 else a[2:3] for a in (x, y, mask))
     params = {"w": jnp.asarray(rng.standard_normal(3), jnp.float32), "b": jnp.zeros((), jnp.float32)}
 
     def loss_sum(p, mb):
@@ -328,8 +331,12 @@ def test_accumulate_gradients_weights_micro_batches_by_tokens():
         s, n = loss_sum(p, {"x": x.reshape(-1, 3), "y": y.reshape(-1), "mask": mask.reshape(-1)})
         return s / n
 
+    if micro == "one empty":  # no target tokens: zero loss and gradients, not 0/0
+        assert float(tokens) == 0 and float(loss) == 0
+        jax.tree.map(lambda g: np.testing.assert_array_equal(g, 0), grads)
+        return
     want_loss, want = jax.value_and_grad(full_batch_mean)(params)
-    assert float(tokens) == 11
+    assert float(tokens) == (11 if micro == 4 else 6)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want)
 
