@@ -86,6 +86,17 @@ def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_pa
         assert f"[{stage}] cached" in out
 
 
+def test_the_shipped_recipe_configs_load_and_write_to_their_own_work_dirs():
+    """Every YAML in configs/recipes passes the config checks, and no two share a work_dir (a medium run must not
+    invalidate the demo's cached stages, nor the other way round)."""
+    from zhjax.recipe import load_recipe_config
+
+    paths = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"smollm2-zh-demo.yaml", "smollm2-zh-medium.yaml", "smollm2-zh.yaml"}
+    work_dirs = [load_recipe_config(str(p), []).work_dir for p in paths]
+    assert len(set(work_dirs)) == len(work_dirs), work_dirs
+
+
 def test_no_extension_sft_needs_the_no_extension_run():
     from zhjax.recipe import load_recipe_config
 
