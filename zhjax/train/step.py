@@ -231,7 +231,8 @@ def build_eval_step(graphdef, train_step: TrainStep, loss_chunk: int = 0) -> Cal
     """`make_eval_step` jitted with the train step's shardings, run under its mesh."""
     jitted = jax.jit(make_eval_step(graphdef, loss_chunk),
                      in_shardings=(train_step.state_shardings.trainable, train_step.frozen_shardings,
-                                   batch_sharding(train_step.mesh)))
+                                   batch_sharding(train_step.mesh)),
+                     compiler_options=compiler_options(train_step.mesh))
 
     def eval_step(trainable, frozen, batch):
         with jax.set_mesh(train_step.mesh):
