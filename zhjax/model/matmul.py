@@ -11,6 +11,9 @@ the fast path. In float32 the same backward avoids a different cost: left to its
 the elementwise op that makes the output gradient (the MLP's `silu(gate) * up` backward, for one), which then
 writes in transposed order from all its inputs; the demo's fp32 step took 1.25x as long. On other backends it is
 plain `jnp.matmul`: accelerators transpose for free inside the product.
+
+Products accumulate in float32 (`preferred_element_type`) and are rounded to the operands' dtype afterwards,
+so bf16 results equal `jnp.matmul`'s on bf16 inputs up to that one rounding.
 """
 
 from __future__ import annotations
