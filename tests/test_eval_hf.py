@@ -54,3 +54,17 @@ def test_long_lines_are_cut_with_their_characters(smollm2):
     kept = tok(line, add_special_tokens=False)["input_ids"][:16]
     assert got.tokens == 16 and got.characters == len(tok.decode(kept))
     assert got.bits_per_char == pytest.approx(_reference_bits_per_char(model, tok, [tok.decode(kept)]), rel=1e-5)
+
+
+def test_a_character_cut_scores_the_same_text_under_any_tokenizer(smollm2):
+    """The recipe compares tokenizers on held-out text: a cut in tokens (512 of them) kept 275 characters of a
+    paragraph under SmolLM2's tokenizer and 730 under the extended one; a cut in characters keeps the same text."""
+    from zhjax.eval.hf import bits_per_character
+
+    model, tok = smollm2
+    line = "中华人民共和国成立以来，" * 60  # 720 characters, over 1000 tokens under SmolLM2's tokenizer
+    assert len(tok(line, add_special_tokens=False)["input_ids"]) > 1000
+    got = bits_per_character(model, tok, [line, "短。"], max_chars=600, max_tokens=None)
+    assert got.characters == 600 + 2
+    assert got.tokens == sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in (line[:600], "短。"))
+    assert got.bits_per_char == pytest.approx(_reference_bits_per_char(model, tok, [line[:600], "短。"]), rel=1e-5)

@@ -104,6 +104,13 @@ def test_no_extension_sft_needs_the_no_extension_run():
         load_recipe_config(None, ["compare=[no_extension_sft]"])
 
 
+def test_a_held_out_cut_of_no_characters_is_refused():
+    from zhjax.recipe import load_recipe_config
+
+    with pytest.raises(ValueError, match="eval.heldout_max_chars 0; expected at least 1"):
+        load_recipe_config(None, ["eval.heldout_max_chars=0"])
+
+
 @needs_torch
 def test_learning_curves_of_both_runs_at_the_same_steps_are_drawn(tmp_path, assets):
     """`curve_lines` scores a fixed held-out slice at step 0 and every eval_steps in the run with extension and

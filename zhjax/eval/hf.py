@@ -34,9 +34,14 @@ def load_hf(model_dir: str):
 
 
 def bits_per_character(model, tokenizer, lines: Sequence[str], *, batch_tokens: int = 2048,
-                       max_tokens: int = 512) -> BitsPerChar:
-    """Bits per character of `lines` under `model` (lines longer than `max_tokens` tokens are cut, and so is
-    the character count, proportionally to the kept tokens' text).
+                       max_tokens: int | None = 512, max_chars: int | None = None) -> BitsPerChar:
+    """Bits per character of `lines` under `model`.
+
+    `max_chars` cuts each line to that many characters before it is tokenized: the same text for every
+    tokenizer, which a comparison of tokenizers needs. `max_tokens` (None: no limit) then cuts a line's tokens,
+    and the character count with them (the kept tokens' text); that cut depends on the tokenizer (512 tokens are
+    275 Chinese characters under SmolLM2's own tokenizer, 730 under the demo's extended one), so a comparison
+    passes `max_chars` and `max_tokens=None`.
 
     Lines are scored longest first in batches of about `batch_tokens` padded tokens, so a batch holds rows of
     similar length and little padding; the loss is `cross_entropy` over the real tokens only.
@@ -44,6 +49,7 @@ def bits_per_character(model, tokenizer, lines: Sequence[str], *, batch_tokens: 
     import torch
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    lines = [line[:max_chars] for line in lines] if max_chars is not None else lines
     encoded = [tokenizer(line, add_special_tokens=False)["input_ids"][:max_tokens] for line in lines if line]
     encoded = [e for e in encoded if e]
     total_chars = sum(len(tokenizer.decode(e)) for e in encoded)

@@ -48,6 +48,9 @@ from zhjax.train.validate import jsonable
 @dataclass
 class EvalConfig:
     heldout_lines: int = 200
+    # each held-out paragraph is cut to this many characters before any tokenizer sees it, so that every model is
+    # scored on the same text (a cut in tokens would keep 2.7x more of a paragraph for the extended tokenizer)
+    heldout_max_chars: int = 512
     test_examples: int = 60
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -111,6 +114,9 @@ def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
     if cfg.curve_lines and cfg.pretrain.eval_steps <= 0:
         raise ValueError(f"invalid recipe config {path or ''}: curve_lines {cfg.curve_lines} needs "
                          "pretrain.eval_steps > 0 (the curve is scored every eval_steps)")
+    if cfg.eval.heldout_max_chars < 1:
+        raise ValueError(f"invalid recipe config {path or ''}: eval.heldout_max_chars {cfg.eval.heldout_max_chars}; "
+                         "expected at least 1 (characters kept of each held-out paragraph)")
     if "no_extension_sft" in cfg.compare and "no_extension" not in cfg.compare:
         raise ValueError(f"invalid recipe config {path or ''}: compare no_extension_sft tunes the no_extension run; "
                          "add no_extension to compare")
@@ -363,7 +369,8 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | Non
     from zhjax.eval.hf import bits_per_character, generate_answers, load_hf
 
     e = cfg.eval
-    lines = [x for x in (data / "text" / "test.txt").read_text(encoding="utf-8").splitlines() if x][: e.heldout_lines]
+    lines = [x[: e.heldout_max_chars] for x in (data / "text" / "test.txt").read_text(encoding="utf-8").splitlines()
+             if x][: e.heldout_lines]
     chars = sum(len(x) for x in lines)
     tokens_per_char = {}
     for name, d in (("base", cfg.base_model), ("extended", work / "tokenizer")):
@@ -380,7 +387,7 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | Non
     for name, path in bar:
         bar.set_postfix_str(name)
         model, tok = load_hf(str(path))
-        bpc[name] = bits_per_character(model, tok, lines).bits_per_char
+        bpc[name] = bits_per_character(model, tok, lines, max_tokens=None).bits_per_char  # the same characters
         if name in (extra_models or {}) or (name == "base model" and not e.evaluate_base_tasks) or (
                 name == "after pre-training" and not e.evaluate_pretrain_tasks):
             continue
