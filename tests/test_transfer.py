@@ -214,3 +214,26 @@ def test_distill_refuses_bad_input_before_writing(setup, tmp_path):
     with pytest.raises(ValueError, match="does not extend"):
         resize_hf_checkpoint(base, other, tmp_path / "out3", "distill", sample_files=[sample], transfer=TINY)
     assert not any((tmp_path / f"out{i}").exists() for i in (1, 2, 3))
+
+
+def test_the_bf16_output_fit_lands_where_the_fp32_fit_does(setup, tmp_path):
+    """`output_dtype: bfloat16` (the default: bf16 products with fp32 accumulation, 1.35x faster on 2 cores) fits the
+    same rows as fp32 to bf16 precision, and the grown model it writes is as close to the base."""
+    tmp, sample, base_tok_dir, ext = setup
+    base = make_hf_model(tmp_path / "base", False)
+    cfg = dataclasses.replace(TINY, input_steps=0)
+    fits = {dt: resize_hf_checkpoint(base, ext, tmp_path / dt, "distill", seed=0, sample_files=[sample],
+                                     transfer=dataclasses.replace(cfg, output_dtype=dt))
+            for dt in ("float32", "bfloat16")}
+    f32, b16 = (fits[dt].transfer for dt in ("float32", "bfloat16"))
+    assert not np.array_equal(b16.head_rows, f32.head_rows)  # the products did run in bf16
+    np.testing.assert_allclose(b16.head_rows, f32.head_rows, atol=2e-2)
+    np.testing.assert_allclose(b16.output_nll, f32.output_nll, rtol=1e-2)
+    base_tok, new_tok = AutoTokenizer.from_pretrained(base_tok_dir), AutoTokenizer.from_pretrained(ext)
+    scores = {dt: _aligned_scores(base, tmp_path / dt, base_tok, new_tok, CHINESE) for dt in fits}
+    np.testing.assert_allclose(scores["bfloat16"], scores["float32"], rtol=2e-2)
+
+
+def test_an_unknown_output_dtype_is_refused():
+    with pytest.raises(ValueError, match=r"transfer.output_dtype='fp8': expected one of \('float32', 'bfloat16'\)"):
+        TransferConfig(output_dtype="fp8")
