@@ -1,7 +1,7 @@
 """SmolLM2's loss per character on held-out People's Daily text right after vocabulary extension, per init.
 
     .venv/bin/python bench/resize_init.py [--model assets/smollm2-135m] [--new-tokens 6000] [--train-lines 8000]
-        [--eval-lines 100] [--work outputs/bench_resize_init]
+        [--eval-lines 100] [--work outputs/bench_resize_init] [--sample-characters 10000 40000]
 
 Issue 3, point 4. SmolLM2's byte-level BPE is extended with `--new-tokens` Chinese tokens learned on the first
 `--train-lines` paragraphs of the corpus (`zhjax.tokenizer.bpe`, as `tools/merge_tokenizers.py --kind bpe`
@@ -30,6 +30,7 @@ import zhjax
 from zhjax.convert.resize_model import resize_hf_checkpoint, resize_model
 from zhjax.tokenizer.bpe import extend_bpe_tokenizer
 from zhjax.tokenizer.resize import INITS, subword_source_ids
+from zhjax.tokenizer.transfer import TransferConfig
 
 
 def summed_nll(model, tokenizer, lines: list[str], batch_size: int, bucket: int = 64) -> tuple[float, int]:
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-distill", action="store_true", help="leave out the distill init (minutes on a CPU)")
+    parser.add_argument("--sample-characters", type=int, nargs="+", default=[TransferConfig().sample_characters],
+                        help="the distill fit's sample sizes, one row each (default: the recipes' default)")
     parser.add_argument("--work", default="outputs/bench_resize_init", help="where the extended tokenizer goes")
     args = parser.parse_args()
     corpus = args.corpus
@@ -101,13 +104,14 @@ def main() -> None:
         nll, tokens = summed_nll(grown, new_tok, held_out, args.batch)
         results.append((f"extended + {init} init", tokens, nll))
     elapsed = time.perf_counter() - t0
-    if not args.skip_distill:
+    for characters in [] if args.skip_distill else args.sample_characters:
         fit_start = time.perf_counter()
-        out = resize_hf_checkpoint(args.model, ext.out_dir, work / "distill", "distill", seed=args.seed,
-                                   sample_files=[work / "train.txt"])
+        out = resize_hf_checkpoint(args.model, ext.out_dir, work / f"distill-{characters}", "distill", seed=args.seed,
+                                   sample_files=[work / "train.txt"],
+                                   transfer=TransferConfig(sample_characters=characters, seed=args.seed))
         fit_seconds = time.perf_counter() - fit_start
         nll, tokens = summed_nll(zhjax.load_pretrained(out.out_dir, dtype="float32"), new_tok, held_out, args.batch)
-        results.append((f"extended + distill init ({fit_seconds:.0f}s fit)", tokens, nll))
+        results.append((f"extended + distill, {characters // 1000} k chars ({fit_seconds:.0f}s)", tokens, nll))
 
     print(f"\nheld-out: {len(held_out)} paragraphs, {chars} characters (last paragraphs of {corpus}); "
           f"model {args.model}, zhjax fp32, {jax.devices()[0].platform}, {elapsed:.0f}s for the first 4 passes")
