@@ -169,10 +169,12 @@ def test_distill_is_deterministic_for_a_seed(setup, tmp_path):
 @pytest.mark.parametrize("target", ["data", "base"])
 def test_the_output_fit_in_position_chunks_equals_the_fit_in_one(setup, tmp_path, target):
     """The fit's logits are computed `position_chunk` positions at a time (a large sample's full logits do not fit in
-    memory: 200 k characters of SmolLM2's sample ran out of 23 GB): chunks, padding included, change nothing."""
+    memory: 200 k characters of SmolLM2's sample ran out of 23 GB): chunks, padding included, change nothing. In
+    fp32 products: with the default bf16 ones the chunked and the whole fit measured up to 1.7e-3 apart after 30
+    Adam steps (fp32 accumulation in another order); the bf16 fit's own test bounds it against fp32."""
     tmp, sample, _, ext = setup
     base = make_hf_model(tmp_path / "base", False)
-    cfg = dataclasses.replace(TINY, input_steps=0, output_target=target)
+    cfg = dataclasses.replace(TINY, input_steps=0, output_target=target, output_dtype="float32")
     one = resize_hf_checkpoint(base, ext, tmp_path / "one", "distill", seed=1, sample_files=[sample],
                                transfer=dataclasses.replace(cfg, position_chunk=1_000_000))
     many = resize_hf_checkpoint(base, ext, tmp_path / "many", "distill", seed=1, sample_files=[sample],
