@@ -171,6 +171,7 @@ for _file, _names in {
     "test_transfer.py": {
         "test_the_output_fit_in_position_chunks_equals_the_fit_in_one",  # 2 x 8.5 s
         "test_a_sample_smaller_than_one_batch_of_windows_still_fits",  # 7 s
+        "test_the_bf16_output_fit_lands_where_the_fp32_fit_does",  # eleventh session: two fits, 7 s
     },
     "test_trainer_nonfinite.py": {
         "test_skip_nonfinite_skips_exactly_that_step_and_trains_on",  # 7 s
