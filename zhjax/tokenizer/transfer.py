@@ -27,8 +27,9 @@ sample of the training text, the body frozen:
   rows not fitted is computed once, so a step costs one `[positions, fitted rows]` product. Every fifth window is
   held out and the rows with the lowest held-out loss are kept (the fit overfits a 20 k-character sample within a
   few steps; with 40 k the held-out loss still falls at the 15th). Rows fitted on the teacher's states instead
-  were measured worse, and so were starts from the first piece's row (+7.1%) or from it offset by the base's log-probability of the other pieces (the base, weak on
-  Chinese, finds Chinese words far less likely than the sample does). The sample's size is the lever: on the
+  were measured worse, and so were starts from the first piece's row (+7.1%) or from it offset by the base's
+  log-probability of the other pieces (the base, weak on Chinese, finds Chinese words far less likely than the
+  sample does). The sample's size is the lever: on the
   demo's split 10 k characters start the grown model 3.3% above the base's held-out bits per character, 40 k
   (the default, about 110 s on 2 cores with bf16 products) 2.1% *below* it, before any training.
 
