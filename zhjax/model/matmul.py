@@ -14,6 +14,9 @@ plain `jnp.matmul`: accelerators transpose for free inside the product.
 
 Products accumulate in float32 (`preferred_element_type`) and are rounded to the operands' dtype afterwards,
 so bf16 results equal `jnp.matmul`'s on bf16 inputs up to that one rounding.
+
+`batched_matmul` is the same for stacks of matrices `[..., M, K] @ [..., K, N]` (attention on CPU,
+`zhjax.model.llama.grouped_attention`), with the output dtype chosen by the caller (attention logits stay float32).
 """
 
 from __future__ import annotations
@@ -28,13 +31,18 @@ def _use_row_major_path(x: jax.Array, w: jax.Array) -> bool:
     return x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float32) and jax.default_backend() == "cpu"
 
 
-def row_major_t(x: jax.Array) -> jax.Array:
-    """`x.T` of a 2-D array, written out row-major (XLA would otherwise make the transpose a layout change).
+def materialize(x: jax.Array) -> jax.Array:
+    """`x` written out in its own row-major layout (after a transpose, XLA would otherwise change the layout instead).
 
-    Padding one row then slicing it off is the cheapest op found that forces XLA:CPU to materialise the copy; it
-    is an exact identity.
+    Padding the leading axis by one then slicing it off is the cheapest op found that forces XLA:CPU to materialise
+    the copy; it is an exact identity.
     """
-    return jnp.pad(x.T, ((0, 1), (0, 0)))[:-1]
+    return jnp.pad(x, ((0, 1),) + ((0, 0),) * (x.ndim - 1))[:-1]
+
+
+def row_major_t(x: jax.Array) -> jax.Array:
+    """`x.T` of a 2-D array, written out row-major (`materialize`)."""
+    return materialize(x.T)
 
 
 def transpose(x: jax.Array) -> jax.Array:
@@ -75,3 +83,32 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     lead = x.shape[:-1]
     y = _matmul_2d(x.reshape(-1, x.shape[-1]), w)
     return y.reshape(*lead, w.shape[-1])
+
+
+def _batch_dot(a: jax.Array, b: jax.Array, b_contract: int) -> jax.Array:
+    """`a @ b` (`b_contract` -2) or `a @ b^T` (-1) over the leading batch axes, accumulated in float32."""
+    batch = tuple(range(a.ndim - 2))
+    dims = (((a.ndim - 1,), (b.ndim + b_contract,)), (batch, batch))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def batched_matmul(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """`x @ w` for `[..., M, K]` and `[..., K, N]` stacks, accumulated in float32 and returned in `out_dtype`; the
+    backward takes `_matmul_2d`'s row-major path (`g @ w^T` against `w` as stored, `x^T` written out)."""
+    return _batch_dot(x, w, -2).astype(out_dtype)
+
+
+def _batched_fwd(x, w, out_dtype):
+    return batched_matmul(x, w, out_dtype), (x, w)
+
+
+def _batched_bwd(out_dtype, res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = _batch_dot(g, w, -1).astype(x.dtype)
+    dw = _batch_dot(materialize(jnp.swapaxes(x, -1, -2)), g, -2).astype(w.dtype)
+    return dx, dw
+
+
+batched_matmul.defvjp(_batched_fwd, _batched_bwd)
