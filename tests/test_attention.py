@@ -48,12 +48,12 @@ def _reference(q, k, v, mask):
 def test_grouped_attention_equals_dot_product_attention_in_fp32(mask_name):
     mask = _masks()[mask_name]
     q, k, v = _inputs(jnp.float32)
-    ours = lambda q, k, v: grouped_attention(q, k, v, mask, SCALE)
-    ref = lambda q, k, v: _reference(q, k, v, mask)
+    ours = jax.jit(lambda q, k, v: grouped_attention(q, k, v, mask, SCALE))
+    ref = jax.jit(lambda q, k, v: _reference(q, k, v, mask))
     np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, HEADS * D)), jnp.float32)
-    loss = lambda f: lambda *x: jnp.sum(f(*x) * weights)
-    for ga, gb in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v), strict=True):
+    grads = lambda f: jax.jit(jax.grad(lambda *x: jnp.sum(f(*x) * weights), (0, 1, 2)))(q, k, v)
+    for ga, gb in zip(grads(ours), grads(ref), strict=True):
         np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-5)
 
 
