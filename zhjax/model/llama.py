@@ -118,7 +118,8 @@ def grouped_attention(q, k, v, mask, scale: float) -> jax.Array:
     backward takes `batched_matmul`'s row-major path. `jax.nn.dot_product_attention` on CPU ran these products in
     float32 behind layout copies fused with RoPE: the demo's bf16 step is about 5% faster this way. The same
     values: logits and softmax as that function computes them (probabilities rounded to the operands' dtype before
-    the second product); `mask` is `build_attention_mask`'s `[batch, 1, 1 or seq, seq]` or None.
+    the second product); `mask` is `build_attention_mask`'s `[batch, 1, 1 or seq, seq]` or None. Self-attention:
+    `q` and `k` cover the same positions (the causal mask is position i attends to j <= i).
     """
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
