@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import tempfile
 import time
@@ -122,6 +123,9 @@ def main() -> None:
     parser.add_argument("--tied", action="store_true", help="tied embedding/head (the demo's grown model is untied)")
     parser.add_argument("--top", type=int, default=0, help="also list each part's N longest ops")
     args = parser.parse_args()
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min): a trace of a busy machine "
+          "times the other jobs too", flush=True)
 
     cfg, _ = read_config(args.model)
     cfg = cfg.replace(vocab_size=args.vocab, tie_word_embeddings=args.tied, dtype=args.dtype, param_dtype=args.dtype)
