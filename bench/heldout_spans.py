@@ -3,8 +3,9 @@
     .venv/bin/python bench/heldout_spans.py outputs/smollm2-zh-medium [--lines 60] [--count-lines 3000]
 
 Reads a finished recipe's `work_dir` (with `compare: [no_extension]`): `merged-pretrain` (the extended model and
-tokenizer), `merged-pretrain-no-extension`, and the base model (`--base`, the recipe's `base_model`). Each of the first
-`--lines` test paragraphs (the recipe's held-out text) is scored by all three, every token from BOS, one paragraph
+tokenizer), `merged-pretrain-no-extension`, and the base model (`--base`, the recipe's `base_model`). Each of
+`--lines` test paragraphs spread over the split and cut at 512 characters (the recipe's held-out text,
+`zhjax.recipe.run.heldout_paragraphs`; before the fourteenth session the first `--lines`, uncut) is scored by all three, every token from BOS, one paragraph
 at a time, and each token's loss is charged to the character its text ends in (a byte-level token that ends inside
 a character is charged to that character too). A character belongs to the span of the extended tokenizer's token
 that covers it: a new token (grouped by how often the first `--count-lines` training paragraphs use it) or an old
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from zhjax.eval.hf import load_hf
+from zhjax.recipe.run import heldout_paragraphs
 
 
 def charged_losses(model, tokenizer, line: str, max_tokens: int = 4096) -> tuple[list[int], list[tuple], np.ndarray]:
@@ -61,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work_dir
     text = lambda name: [x for x in (work / "data" / "text" / name).read_text(encoding="utf-8").splitlines() if x]
-    lines = text("test.txt")[: args.lines]
+    lines = heldout_paragraphs(work / "data" / "text" / "test.txt", args.lines, 512)
     models = {"extended": work / "merged-pretrain", "without extension": work / "merged-pretrain-no-extension",
               "base": Path(args.base)}
     scored = {}

@@ -111,6 +111,24 @@ def test_a_held_out_cut_of_no_characters_is_refused():
         load_recipe_config(None, ["eval.heldout_max_chars=0"])
 
 
+def test_no_held_out_paragraphs_is_refused():
+    from zhjax.recipe import load_recipe_config
+
+    with pytest.raises(ValueError, match="eval.heldout_lines 0; expected at least 1"):
+        load_recipe_config(None, ["eval.heldout_lines=0"])
+
+
+def test_held_out_paragraphs_are_spread_over_the_split_not_its_first_documents(tmp_path):
+    from zhjax.recipe.run import heldout_paragraphs
+
+    split = tmp_path / "test.txt"
+    split.write_text("".join(f"paragraph {i:02d}\n\n" for i in range(20)), encoding="utf-8")  # blank lines skipped
+    assert heldout_paragraphs(split, 4, 512) == ["paragraph 00", "paragraph 05", "paragraph 10", "paragraph 15"]
+    assert heldout_paragraphs(split, 3, 9) == ["paragraph", "paragraph", "paragraph"]  # cut to 9 characters
+    assert heldout_paragraphs(split, 3, 512)[-1] == "paragraph 12"  # every 6th, the first 3 of them
+    assert len(heldout_paragraphs(split, 50, 512)) == 20  # asking for more than there are gives them all
+
+
 @needs_torch
 def test_learning_curves_of_both_runs_at_the_same_steps_are_drawn(tmp_path, assets):
     """`curve_lines` scores a fixed held-out slice at step 0 and every eval_steps in the run with extension and

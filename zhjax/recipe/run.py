@@ -47,7 +47,7 @@ from zhjax.train.validate import jsonable
 
 @dataclass
 class EvalConfig:
-    heldout_lines: int = 200
+    heldout_lines: int = 200  # test paragraphs scored for bits per character, spread over the split (heldout_paragraphs)
     # each held-out paragraph is cut to this many characters before any tokenizer sees it, so that every model is
     # scored on the same text (a cut in tokens would keep 2.7x more of a paragraph for the extended tokenizer)
     heldout_max_chars: int = 512
@@ -117,6 +117,9 @@ def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
     if cfg.eval.heldout_max_chars < 1:
         raise ValueError(f"invalid recipe config {path or ''}: eval.heldout_max_chars {cfg.eval.heldout_max_chars}; "
                          "expected at least 1 (characters kept of each held-out paragraph)")
+    if cfg.eval.heldout_lines < 1:
+        raise ValueError(f"invalid recipe config {path or ''}: eval.heldout_lines {cfg.eval.heldout_lines}; "
+                         "expected at least 1 (held-out paragraphs scored)")
     if "no_extension_sft" in cfg.compare and "no_extension" not in cfg.compare:
         raise ValueError(f"invalid recipe config {path or ''}: compare no_extension_sft tunes the no_extension run; "
                          "add no_extension to compare")
@@ -357,6 +360,16 @@ def _trained_steps(out: Path) -> int:
     return max((r["step"] for r in records if "loss" in r), default=0)
 
 
+def heldout_paragraphs(path: Path, n: int, max_chars: int) -> list[str]:
+    """`n` paragraphs of `path` spread evenly over it (every `len // n`-th), each cut to `max_chars` characters.
+
+    Not the first `n`: the split's paragraphs come document by document, so its first 60 are a few documents, and
+    on the demo's split they were measured unlike the rest (README: "The demo, measured").
+    """
+    paragraphs = [x for x in path.read_text(encoding="utf-8").splitlines() if x]
+    return [x[:max_chars] for x in paragraphs[:: max(1, len(paragraphs) // n)][:n]]
+
+
 def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | None = None,
              tuned_models: dict | None = None) -> dict:
     """The results table's numbers, computed with `transformers` on the exported models: `extra_models` get bits
@@ -369,8 +382,7 @@ def evaluate(cfg: RecipeConfig, data: Path, work: Path, extra_models: dict | Non
     from zhjax.eval.hf import bits_per_character, generate_answers, load_hf
 
     e = cfg.eval
-    lines = [x[: e.heldout_max_chars] for x in (data / "text" / "test.txt").read_text(encoding="utf-8").splitlines()
-             if x][: e.heldout_lines]
+    lines = heldout_paragraphs(data / "text" / "test.txt", e.heldout_lines, e.heldout_max_chars)
     chars = sum(len(x) for x in lines)
     tokens_per_char = {}
     for name, d in (("base", cfg.base_model), ("extended", work / "tokenizer")):
