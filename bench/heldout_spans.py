@@ -5,13 +5,13 @@
 Reads a finished recipe's `work_dir` (with `compare: [no_extension]`): `merged-pretrain` (the extended model and
 tokenizer), `merged-pretrain-no-extension`, and the base model (`--base`, the recipe's `base_model`). Each of
 `--lines` test paragraphs spread over the split and cut at 512 characters (the recipe's held-out text,
-`zhjax.recipe.run.heldout_paragraphs`; before the fourteenth session the first `--lines`, uncut) is scored by
-all three, every token from BOS, one paragraph at a time, and each token's loss is charged to the character its text ends in (a byte-level token that ends inside
-a character is charged to that character too). A character belongs to the span of the extended tokenizer's token
-that covers it: a new token (grouped by how often the first `--count-lines` training paragraphs use it) or an old
-one (a character no new token covers: punctuation, digits, rare characters). The table gives, per group, its share
-of the characters, the three models' bits per character on those characters, and the group's part of the overall
-gap between the extended run and the run without extension.
+`zhjax.recipe.run.heldout_paragraphs`; before the fourteenth session the first `--lines`, uncut) is scored by all
+three, every token from BOS, one paragraph at a time, and each token's loss is charged to the character its text
+ends in (a byte-level token that ends inside a character is charged to that character too). A character belongs to
+the span of the extended tokenizer's token that covers it: a new token (grouped by how often the first
+`--count-lines` training paragraphs use it) or an old one (a character no new token covers: punctuation, digits,
+rare characters). The table gives, per group, its share of the characters, the three models' bits per character on
+those characters, and the group's part of the overall gap between the extended run and the run without extension.
 """
 
 from __future__ import annotations
