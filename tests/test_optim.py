@@ -375,3 +375,22 @@ def test_embedding_learning_rate_is_a_second_parameter_group_as_in_torch():
         opt.step()
     np.testing.assert_allclose(p["embed_tokens"]["embedding"], emb.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(p["layers"]["q_proj"]["lora_a"], lora.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@needs_torch
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_a_schedule_whose_length_is_set_after_update_0_is_hfs_schedule_of_that_length(kind):
+    # a time-budgeted run starts on an upper bound (1000 steps) and learns its length from its first step's time
+    from zhjax.train.optim import scale_by_schedule_of_length, set_schedule_length
+
+    cfg = OptimConfig(learning_rate=2e-4, lr_scheduler_type=kind, warmup_ratio=0.05)
+    tx = scale_by_schedule_of_length(cfg, 1000)
+    state, rates = tx.init(jnp.ones(2)), []
+    for k in range(STEPS):
+        updates, state = tx.update(jnp.ones(2), state)
+        rates.append(-float(updates[0]))
+        if k == 0:
+            state = set_schedule_length(state, cfg, STEPS)
+    np.testing.assert_allclose(rates, hf_lrs(cfg, STEPS), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="num_training_steps must be >= 1"):
+        set_schedule_length(state, cfg, 0)

@@ -118,6 +118,29 @@ def test_no_held_out_paragraphs_is_refused():
         load_recipe_config(None, ["eval.heldout_lines=0"])
 
 
+def test_the_run_without_extension_gets_the_main_runs_budgeted_steps_or_the_same_seconds(tmp_path):
+    """With `pretrain.max_train_seconds` the main run's length depends on the machine: the comparison run trains the
+    steps it trained (`steps`) or gets the same seconds (`seconds`), never a budget it was not given."""
+    from zhjax.recipe import load_recipe_config
+    from zhjax.recipe.run import _no_extension_job
+
+    work = tmp_path / "work"
+    (work / "pretrain").mkdir(parents=True)
+    records = [{"step": 0, "eval_loss": 9.0}, {"step": 5, "loss": 8.0}, {"step": 7, "loss": 7.5},
+               {"step": 7, "eval_loss": 7.9}]
+    (work / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    budget = ["pretrain.max_train_seconds=200", "pretrain.max_steps=300", "base_model=assets/smollm2-135m"]
+
+    cfg = load_recipe_config(None, [*budget, "no_extension_budget=steps"])
+    job = _no_extension_job(cfg, cfg.pretrain, work, tmp_path / "data")
+    assert (job.max_steps, job.max_train_seconds, job.init_from) == (7, 0.0, "assets/smollm2-135m")
+    cfg = load_recipe_config(None, [*budget, "no_extension_budget=seconds"])
+    job = _no_extension_job(cfg, cfg.pretrain, work, tmp_path / "data")
+    assert (job.max_steps, job.max_train_seconds) == (300, 200.0)
+    with pytest.raises(ValueError, match="no_extension_budget 'seconds' needs pretrain.max_train_seconds > 0"):
+        load_recipe_config(None, ["no_extension_budget=seconds"])
+
+
 def test_held_out_paragraphs_are_spread_over_the_split_not_its_first_documents(tmp_path):
     from zhjax.recipe.run import heldout_paragraphs
 

@@ -19,8 +19,8 @@ Stages (the same library calls the tools make; outputs under `work_dir`):
 
 `compare` adds the seed's central comparison as extra pre-training runs, each exported and scored by held-out
 bits per character beside the main run: `no_extension` (LoRA + embed/head on the base model with its own
-tokenizer, over the same number of training characters: more steps, since that tokenizer spends more tokens per
-character) and `normal_init` (the same extension with the new rows drawn from a normal distribution instead of
+tokenizer, over the same number of training characters, as many steps, or the same training seconds:
+`no_extension_budget`) and `normal_init` (the same extension with the new rows drawn from a normal distribution instead of
 `subword`). Their training tokens/s and characters/s are reported too. `no_extension_sft` (with `no_extension`)
 also instruction-tunes the run without extension with the same SFT job and as many steps (its own tokenizer) and
 scores it on the tasks beside the main model.
@@ -76,7 +76,9 @@ class RecipeConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)  # sizes of the distill init's fit
     compare: tuple[str, ...] = ()  # extra runs: "no_extension", "normal_init", "no_extension_sft"
     # the no_extension run trains on as many characters as the main run ("characters": more steps, since the base
-    # tokenizer spends more tokens per character) or for as many steps, i.e. the same compute ("steps")
+    # tokenizer spends more tokens per character), for as many steps as the main run trained ("steps": the same
+    # tokens, about the same compute) or for the same `pretrain.max_train_seconds` ("seconds": the same training
+    # seconds, each run as many steps as fit at its own rate)
     no_extension_budget: str = "characters"
     # held-out bits per character during pre-training, every `eval_steps`, on this many validation paragraphs,
     # for the main run and the comparison runs, drawn into work_dir/learning_curves.png (0: off)
@@ -103,9 +105,12 @@ def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
     unknown = [c for c in cfg.compare if c not in COMPARISONS]
     if unknown:
         raise ValueError(f"invalid recipe config {path or ''}: compare {unknown} unknown; expected some of {COMPARISONS}")
-    if cfg.no_extension_budget not in ("characters", "steps"):
+    if cfg.no_extension_budget not in ("characters", "steps", "seconds"):
         raise ValueError(f"invalid recipe config {path or ''}: no_extension_budget {cfg.no_extension_budget!r}; "
-                         "expected 'characters' or 'steps'")
+                         "expected 'characters', 'steps' or 'seconds'")
+    if cfg.no_extension_budget == "seconds" and not cfg.pretrain.max_train_seconds > 0:
+        raise ValueError(f"invalid recipe config {path or ''}: no_extension_budget 'seconds' needs "
+                         "pretrain.max_train_seconds > 0 (the training seconds both runs get)")
     from zhjax.convert.resize_model import ALL_INITS
 
     if cfg.resize_init not in ALL_INITS:
@@ -302,19 +307,31 @@ def _compare_run(cfg: RecipeConfig, variant: str, pt, stages: Stages, work: Path
         job = dataclasses.replace(pt, init_from=str(base), output_dir=str(out))
     else:
         base = tokenizer = Path(cfg.base_model)
-        job = dataclasses.replace(pt, init_from=str(base), tokenizer=str(base), output_dir=str(out))
-        if pt.max_steps > 0 and cfg.no_extension_budget == "characters":
-            # the same training characters as the main run: the base tokenizer needs more tokens
-            ratio = _tokens_per_char(base, data) / _tokens_per_char(work / "tokenizer", data)
-            job = dataclasses.replace(job, max_steps=max(1, round(pt.max_steps * ratio)))
-            print(f"[pretrain-{variant}] {job.max_steps} steps for the main run's {pt.max_steps}: the base tokenizer "
-                  f"spends {ratio:.2f}x the tokens per character")
+        job = _no_extension_job(cfg, dataclasses.replace(pt, output_dir=str(out)), work, data)
     upstream = stages.done.get("resize-normal") if variant == "normal_init" else stages.done.get("data")
     stages.run(f"pretrain-{variant}", {"job": jsonable(job), "upstream": upstream},
                lambda: train(_fresh(job, stages), "pretrain"))
     stages.run(f"export-{variant}", {"pt": stages.done.get(f"pretrain-{variant}")},
                lambda: merge_adapters(base, [out / "adapter"], merged, dtype="float32", overwrite=True))
     return out, merged, tokenizer
+
+
+def _no_extension_job(cfg: RecipeConfig, pt, work: Path, data: Path):
+    """The main pre-training job `pt` on the base model with its own tokenizer, as long as `no_extension_budget`
+    says: as many training characters, as many steps as the main run trained, or the same time budget."""
+    base = str(cfg.base_model)
+    job = dataclasses.replace(pt, init_from=base, tokenizer=base)
+    if pt.max_train_seconds > 0 and cfg.no_extension_budget != "seconds":
+        # the steps the main run's time budget bought, not a budget of its own
+        job = dataclasses.replace(job, max_steps=_trained_steps(work / "pretrain"), max_train_seconds=0.0)
+    if job.max_steps > 0 and cfg.no_extension_budget == "characters":
+        # the same training characters as the main run: the base tokenizer needs more tokens
+        ratio = _tokens_per_char(Path(base), data) / _tokens_per_char(work / "tokenizer", data)
+        main_steps = job.max_steps
+        job = dataclasses.replace(job, max_steps=max(1, round(main_steps * ratio)))
+        print(f"[pretrain-no_extension] {job.max_steps} steps for the main run's {main_steps}: the base tokenizer "
+              f"spends {ratio:.2f}x the tokens per character")
+    return job
 
 
 def _compare_sft(cfg: RecipeConfig, sft, stages: Stages, work: Path) -> Path:

@@ -68,6 +68,11 @@ class JobConfig:
     per_device_eval_batch_size: int = 1
     max_steps: int = -1
     num_train_epochs: float = 1.0
+    # > 0: train for this many seconds of steps instead: the run times step 0 (compiled first) and trains as many
+    # steps as fit at that rate, at most max_steps (or the epochs'); the schedule runs over that count. Evaluation,
+    # saving and compilation are not counted. The run's length then depends on the machine: for "what fits in N
+    # minutes here", e.g. `make demo`
+    max_train_seconds: float = 0.0
     logging_steps: int = 10
     eval_steps: int = 100
     save_steps: int = 200

@@ -92,6 +92,12 @@ class MetricsLogger:
         self.bar = tqdm(iterable, initial=initial, total=total, desc="train", dynamic_ncols=True, file=sys.stderr)
         return self.bar
 
+    def set_total(self, total: int) -> None:
+        """The progress bar's new end (a time-budgeted run fixes its length after its first step)."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def text(self, line: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(line)

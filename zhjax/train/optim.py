@@ -42,7 +42,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,26 +153,73 @@ def learning_rate_schedule(cfg: OptimConfig, num_training_steps: int) -> optax.S
     if num_training_steps < 1:
         raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}")
     warmup = num_warmup_steps(cfg, num_training_steps)
-    decay_steps = float(max(1, num_training_steps - warmup))
-    peak = cfg.learning_rate
-    kind = cfg.lr_scheduler_type
+    return lambda count: _schedule_value(cfg, count, num_training_steps, warmup)
 
-    def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-        count = jnp.asarray(count, jnp.int32)
-        warm = count.astype(jnp.float32) / float(max(1, warmup))
-        # fraction of the decay phase still ahead; integer subtraction first keeps it exact
-        remaining = (num_training_steps - count).astype(jnp.float32) / decay_steps
-        if kind == "cosine":
-            # HF's 0.5 * (1 + cos(pi * progress)) equals sin(pi/2 * (1 - progress))**2 for every progress; the
-            # sine form keeps full float32 relative precision near the end of the schedule, where 1 + cos cancels.
-            decay = jnp.square(jnp.sin(0.5 * math.pi * remaining))
-        elif kind == "linear":
-            decay = jnp.maximum(0.0, remaining)
-        else:
-            decay = jnp.ones_like(remaining)
-        return peak * jnp.where(count < warmup, warm, decay)
 
-    return schedule
+def _schedule_value(cfg: OptimConfig, count, num_training_steps, warmup) -> jax.Array:
+    """`learning_rate_schedule`'s value at `count`; the step counts may be Python ints or int32 arrays (traced)."""
+    count = jnp.asarray(count, jnp.int32)
+    warm = count.astype(jnp.float32) / jnp.maximum(1, warmup).astype(jnp.float32)
+    decay_steps = jnp.maximum(1, num_training_steps - warmup).astype(jnp.float32)
+    # fraction of the decay phase still ahead; integer subtraction first keeps it exact
+    remaining = (num_training_steps - count).astype(jnp.float32) / decay_steps
+    if cfg.lr_scheduler_type == "cosine":
+        # HF's 0.5 * (1 + cos(pi * progress)) equals sin(pi/2 * (1 - progress))**2 for every progress; the sine
+        # form keeps full float32 relative precision near the end of the schedule, where 1 + cos cancels.
+        decay = jnp.square(jnp.sin(0.5 * math.pi * remaining))
+    elif cfg.lr_scheduler_type == "linear":
+        decay = jnp.maximum(0.0, remaining)
+    else:
+        decay = jnp.ones_like(remaining)
+    return cfg.learning_rate * jnp.where(count < warmup, warm, decay)
+
+
+class ScheduleLengthState(NamedTuple):
+    """The update count and the length of the schedule it is read against (`scale_by_schedule_of_length`)."""
+
+    count: jax.Array  # int32: updates applied so far
+    num_training_steps: jax.Array  # int32
+    num_warmup_steps: jax.Array  # int32
+
+
+def scale_by_schedule_of_length(cfg: OptimConfig, num_training_steps: int) -> optax.GradientTransformation:
+    """`optax.scale_by_learning_rate(learning_rate_schedule(cfg, n))` with `n` and its warmup in the state.
+
+    A run with a time budget learns its number of steps only after it has timed one (`zhjax.train.trainer`); with
+    the length in the state, `set_schedule_length` changes it between two updates without recompiling the step.
+    Until then the schedule runs over `num_training_steps` (an upper bound). The rate of update k equals
+    `learning_rate_schedule(cfg, n)(k)` for the length `n` in force at that update.
+    """
+
+    def init_fn(params: PyTree) -> ScheduleLengthState:
+        del params
+        return ScheduleLengthState(count=jnp.zeros((), jnp.int32),
+                                   num_training_steps=jnp.asarray(num_training_steps, jnp.int32),
+                                   num_warmup_steps=jnp.asarray(num_warmup_steps(cfg, num_training_steps), jnp.int32))
+
+    def update_fn(updates: PyTree, state: ScheduleLengthState, params: PyTree | None = None):
+        del params
+        rate = _schedule_value(cfg, state.count, state.num_training_steps, state.num_warmup_steps)
+        updates = jax.tree.map(lambda u: (-rate * u).astype(u.dtype), updates)
+        return updates, state._replace(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def set_schedule_length(opt_state: PyTree, cfg: OptimConfig, num_training_steps: int) -> PyTree:
+    """`opt_state` (of an optimizer built with `schedule_length_in_state`) with its schedule over
+    `num_training_steps` from the next update on, its warmup recomputed as HF computes it for that length; the new
+    scalars keep the placement of the ones they replace."""
+    if num_training_steps < 1:
+        raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}")
+    from zhjax.train.state import step_array
+
+    old = optax.tree.get(opt_state, "ScheduleLengthState")
+    return optax.tree.set(
+        opt_state,
+        num_training_steps=step_array(num_training_steps, old.num_training_steps.sharding),
+        num_warmup_steps=step_array(num_warmup_steps(cfg, num_training_steps), old.num_warmup_steps.sharding),
+    )
 
 
 def _key_name(key: Any) -> str:
@@ -288,20 +335,21 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> opta
 
 
 def build_optimizer(
-    cfg: OptimConfig, trainable: PyTree, num_training_steps: int
+    cfg: OptimConfig, trainable: PyTree, num_training_steps: int, *, schedule_length_in_state: bool = False
 ) -> optax.GradientTransformation:
     """Clipping (unless `max_grad_norm` is 0/None) then AdamW on `learning_rate_schedule`, for `trainable`.
 
     `trainable` is the trainable state only (arrays or `jax.ShapeDtypeStruct`s; only its paths are read, to
     build the weight-decay mask). Initialise the result with the same state and feed it gradients of the same
-    structure.
+    structure. `schedule_length_in_state`: the schedule's length lives in the optimizer state, where
+    `set_schedule_length` can change it during the run (`scale_by_schedule_of_length`; time-budgeted runs).
     """
-    schedule = learning_rate_schedule(cfg, num_training_steps)
     parts = [clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
     parts += [
         scale_by_adam(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon),
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(trainable)),
-        optax.scale_by_learning_rate(schedule),
+        scale_by_schedule_of_length(cfg, num_training_steps) if schedule_length_in_state
+        else optax.scale_by_learning_rate(learning_rate_schedule(cfg, num_training_steps)),
     ]
     if cfg.embedding_learning_rate is not None and cfg.embedding_learning_rate != cfg.learning_rate:
         # same schedule shape, another peak: the decoupled decay is scaled too, as in a torch parameter group

@@ -196,7 +196,8 @@ def lower_job(cfg: JobConfig, kind: str, devices: Sequence) -> LoweredJob:
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_cfg, lora, rngs=nnx.Rngs(cfg.seed)))
     graphdef, trainable, frozen = split_model(abstract, trainable_filter(abstract.lora, cfg.full_finetuning))
     trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)
-    tx = build_optimizer(cfg.optim, trainable, max(cfg.max_steps, 1))
+    tx = build_optimizer(cfg.optim, trainable, max(cfg.max_steps, 1),
+                         schedule_length_in_state=cfg.max_train_seconds > 0)
     train_step = build_train_step(graphdef, tx, trainable, frozen, mesh, lora=abstract.lora,
                                   skip_nonfinite=cfg.skip_nonfinite, loss_chunk=cfg.loss_chunk_size,
                                   lazy_vocab=cfg.optim.lazy_vocab_rows)

@@ -11,7 +11,10 @@ Reads top to bottom: `train` is `set_up`, `restore`, `loop`; `save` writes a che
    and matches its checksums is restored, data position and all, so the run continues at the next sample.
 3. `loop`: step (metrics stay on the device), read them and check the loss is finite at logging, evaluation and
    save steps only, log every `logging_steps`, evaluate every `eval_steps`, `save` every `save_steps` (orbax,
-   async) together with a PEFT adapter export.
+   async) together with a PEFT adapter export. A run with a time budget (`max_train_seconds`) compiles its step
+   first, times step 0 alone and then fixes its length to the steps that budget buys at that rate (at most
+   `max_steps`); the learning-rate schedule's length lives in the optimizer state for this, and step 0's rate is
+   the same for any length, so the run trains what a run of that many steps would.
 
 `output_dir` may be a URL (`gs://bucket/run`): checkpoints go there directly, process 0's files are staged
 locally and uploaded at each save (`zhjax.train.storage`).
@@ -39,7 +42,7 @@ from zhjax.train.checkpoint import RunCheckpointer
 from zhjax.train.config import JobConfig
 from zhjax.train.data_setup import TrainData, build_data
 from zhjax.train.metrics import MetricsLogger, flops_per_token, peak_flops
-from zhjax.train.optim import build_optimizer, learning_rate_schedule
+from zhjax.train.optim import build_optimizer, learning_rate_schedule, set_schedule_length
 from zhjax.train.state import TrainState, init_train_state
 from zhjax.train.step import TrainStep, build_eval_step, build_train_step
 from zhjax.train.storage import OutputDir
@@ -135,7 +138,8 @@ class Run:
     train_step: TrainStep
     eval_step: Callable
     ckpt: RunCheckpointer
-    total_steps: int
+    total_steps: int  # with a time budget: an upper bound until step 0 has been timed (`length_fixed`)
+    length_fixed: bool = True
     logger: MetricsLogger | None = None
     last_saved: int | None = None
 
@@ -173,7 +177,8 @@ def set_up(cfg: JobConfig, kind: str) -> Run:
 
     steps_per_epoch = data.steps_per_epoch
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-    tx = build_optimizer(cfg.optim, trainable, total_steps)
+    budgeted = cfg.max_train_seconds > 0
+    tx = build_optimizer(cfg.optim, trainable, total_steps, schedule_length_in_state=budgeted)
     train_step = build_train_step(graphdef, tx, trainable, frozen, mesh, lora=lora,
                                   skip_nonfinite=cfg.skip_nonfinite, loss_chunk=cfg.loss_chunk_size,
                                   lazy_vocab=cfg.optim.lazy_vocab_rows)
@@ -181,7 +186,8 @@ def set_up(cfg: JobConfig, kind: str) -> Run:
     ckpt = RunCheckpointer(out.location("checkpoints"), max_to_keep=cfg.save_total_limit,
                            async_save=cfg.async_checkpointing)
     return Run(cfg, kind, out, is_main, mesh, data, model_cfg, graphdef, frozen, state, train_step,
-               build_eval_step(graphdef, train_step, cfg.loss_chunk_size), ckpt, total_steps)
+               build_eval_step(graphdef, train_step, cfg.loss_chunk_size), ckpt, total_steps,
+               length_fixed=not budgeted)
 
 
 def _prepare_output(cfg: JobConfig, kind: str) -> tuple[OutputDir, bool]:
@@ -208,6 +214,8 @@ def restore(run: Run) -> int:
         return 0
     run.last_saved, run.state, meta = restored
     run.data.load_state_dict(meta["data"])
+    if not run.length_fixed and "total_steps" in meta:  # the length its time budget fixed (in the state too)
+        run.total_steps, run.length_fixed = meta["total_steps"], True
     if run.is_main:
         print(f"resumed from {run.ckpt.directory / str(run.last_saved)} at step {meta['step']}")
     return meta["step"]
@@ -222,7 +230,7 @@ def loop(run: Run, start_step: int) -> list[float]:
     The metrics stay on the device between reads; they are read (and the loss checked) only at logging,
     evaluation and save steps.
     """
-    cfg, data, total = run.cfg, run.data, run.total_steps
+    cfg, data = run.cfg, run.data
     meter = _Meter(run, start_step)
     losses: list[float] = []
     if cfg.eval_steps > 0 and start_step == 0 and data.has_eval:  # where training starts, for learning curves
@@ -230,8 +238,14 @@ def loop(run: Run, start_step: int) -> list[float]:
                                               cfg.max_eval_batches)})
         meter.restart()
     pending = []  # (step, metrics) still on the device
-    for step in run.logger.progress(range(start_step, total), initial=start_step, total=total):
-        run.state, metrics = run.train_step(run.state, run.frozen, data.next_train_batch())
+    for step in run.logger.progress(_steps(run, start_step), initial=start_step, total=run.total_steps):
+        if run.length_fixed:
+            run.state, metrics = run.train_step(run.state, run.frozen, data.next_train_batch())
+        else:
+            run.state, metrics = _timed_first_step(run, data.next_train_batch())
+            meter.schedule = learning_rate_schedule(cfg.optim, run.total_steps)
+            run.logger.set_total(run.total_steps)
+        total = run.total_steps
         pending.append((step, metrics))
         meter.tokens += data.global_batch * data.seq_len  # tokens processed, padding included
         done = step + 1
@@ -256,6 +270,48 @@ def loop(run: Run, start_step: int) -> list[float]:
     return losses
 
 
+def _steps(run: Run, start_step: int):
+    """The run's step indices from `start_step`; the end is read at every step (a time budget moves it once)."""
+    step = start_step
+    while step < run.total_steps:
+        yield step
+        step += 1
+
+
+def _timed_first_step(run: Run, batch) -> tuple[TrainState, dict]:
+    """Step 0 of a time-budgeted run: compiled first, run and timed alone; then the run's length is fixed.
+
+    `max_train_seconds / (step 0's seconds)` steps, at least 1 and at most the upper bound `run.total_steps`
+    (`max_steps` or the epochs'); the schedule's length in the optimizer state is set to it before step 1. (Step
+    0's learning rate is the same for any length: 0 in warmup, the peak without.) Every process takes process 0's
+    timing, so all agree on the length.
+    """
+    run.train_step.lower(run.state, run.frozen, batch).compile()  # jit reuses it: the timed call only runs
+    start = time.perf_counter()
+    state, metrics = run.train_step(run.state, run.frozen, batch)
+    jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
+    budget, upper = run.cfg.max_train_seconds, run.total_steps
+    steps = budgeted_steps(budget, seconds, upper)
+    state = state._replace(opt_state=set_schedule_length(state.opt_state, run.cfg.optim, steps))
+    run.total_steps, run.length_fixed = steps, True
+    run.logger.text(f"time budget {budget:g} s at {seconds:.3g} s a step (step 0, timed alone): {steps} steps "
+                    f"(at most {upper})")
+    return state, metrics
+
+
+def budgeted_steps(budget_seconds: float, step_seconds: float, upper: int) -> int:
+    """How many steps of `step_seconds` fit in `budget_seconds`: at least 1 (the step already taken), at most
+    `upper`."""
+    if step_seconds <= 0:
+        return upper
+    return max(1, min(upper, math.floor(budget_seconds / step_seconds)))
+
+
 class _Meter:
     """Throughput and MFU of the logging window; opens the run's metrics log (rewound to the start step)."""
 
@@ -272,8 +328,10 @@ class _Meter:
         if run.is_main:
             rewind_metrics(run.out.local, start_step)  # records past the restored step are logged again
         run.logger = MetricsLogger(run.out.local, enabled=run.is_main)
+        length = (f"{run.total_steps} steps" if run.length_fixed else
+                  f"at most {run.total_steps} steps (as many as fit in {cfg.max_train_seconds:g} s)")
         run.logger.text(
-            f"{run.kind}: {run.total_steps} steps, global batch {d.global_batch // d.accum} x {d.accum} accum x "
+            f"{run.kind}: {length}, global batch {d.global_batch // d.accum} x {d.accum} accum x "
             f"{d.seq_len} tokens, mesh {dict(mesh.shape)}, trainable {n_train:,} / frozen {n_frozen:,} params, "
             f"attention {cfg.attention}, remat {cfg.remat}"
         )
@@ -347,7 +405,8 @@ def save(ckpt: RunCheckpointer, step: int, state: TrainState, run: Run) -> None:
     preempted once the checkpoint is complete has them uploaded too.
     """
     cfg, out = run.cfg, run.out
-    ckpt.save(step, state, {"data": run.data.state_dict(), "seed": cfg.seed, "config": jsonable(cfg)})
+    ckpt.save(step, state, {"data": run.data.state_dict(), "seed": cfg.seed, "config": jsonable(cfg),
+                            "total_steps": run.total_steps})
     if not cfg.full_finetuning:
         # the adapter export reads every shard of the trainable state: replicate it (all processes take part)
         model = nnx.merge(run.graphdef, _gathered_on_host(state.trainable), run.frozen)

@@ -57,6 +57,9 @@ def _check_numbers(cfg) -> list[str]:
         out.append(f"max_steps={cfg.max_steps!r}: expected a positive integer, or -1 for num_train_epochs")
     if cfg.max_steps == -1 and not cfg.num_train_epochs > 0:
         out.append(f"num_train_epochs={cfg.num_train_epochs!r}: expected > 0 when max_steps is -1")
+    budget = cfg.max_train_seconds
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < float("inf"):
+        out.append(f"max_train_seconds={budget!r}: expected a number of seconds >= 0 (0 turns the time budget off)")
     for name in ("save_total_limit", "max_eval_batches"):
         value = getattr(cfg, name)
         if value is not None and not _int_at_least(value, 1):

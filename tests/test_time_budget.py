@@ -1,0 +1,95 @@
+"""`max_train_seconds`: a run trains as many steps as fit in its budget at the rate of its first step (timed alone,
+after compiling), and those steps are exactly what a run of that many steps trains; a resumed run keeps its length."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepClock:
+    """A stand-in for the trainer's `time` module: every `perf_counter()` reading is one second after the last, so
+    the first step, timed between two readings, takes exactly 1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def _cfg(out: Path, cache: Path, *overrides):
+    from zhjax.train.config import load_job_config
+
+    return load_job_config("pretrain", str(REPO / "configs/pretrain/tiny.yaml"), [
+        f"output_dir={out}", "max_steps=8", "logging_steps=1", "save_steps=2", "eval_steps=0", "save_total_limit=null",
+        f"data.data_cache_dir={cache}", f"data.train_files=[{REPO / 'configs/tiny/corpus.txt'}]",
+        f"tokenizer={REPO / 'configs/tiny/tokenizer'}", *overrides,
+    ])
+
+
+def _adapter(out: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_a_budget_trains_the_steps_that_fit_at_step_0s_rate_exactly_as_a_run_of_that_length(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from zhjax.train import trainer
+
+    cache = tmp_path / "cache"
+    fixed = trainer.train(_cfg(tmp_path / "fixed", cache, "max_steps=5"))
+    monkeypatch.setattr(trainer, "time", StepClock())
+    budget = trainer.train(_cfg(tmp_path / "budget", cache, "max_train_seconds=5.5"))  # 5 steps of 1 s fit
+
+    assert budget["step"] == 5 and len(budget["losses"]) == 5
+    assert "time budget 5.5 s at 1 s a step (step 0, timed alone): 5 steps (at most 8)" in capsys.readouterr().out
+    np.testing.assert_allclose(budget["losses"], fixed["losses"], rtol=1e-6)
+    _assert_same_weights(_adapter(tmp_path / "budget"), _adapter(tmp_path / "fixed"))
+    saved = sorted(int(p.name) for p in (tmp_path / "budget" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [2, 4, 5]  # the last step is saved as in any run
+
+
+def test_a_resumed_budgeted_run_keeps_its_length_and_continues_the_same_schedule(tmp_path, monkeypatch):
+    from zhjax.train import trainer
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    monkeypatch.setattr(trainer, "time", StepClock())
+    straight = trainer.train(_cfg(out, cache, "max_train_seconds=5.5"))
+    assert straight["step"] == 5
+    weights = _adapter(out)
+    shutil.rmtree(out / "checkpoints" / "5")  # as if the machine died after the save at step 4
+    monkeypatch.undo()  # the real clock: a re-timed first step would buy a different length (the bound, 8)
+    resumed = trainer.train(_cfg(out, cache, "max_train_seconds=5.5"))
+    assert resumed["step"] == 5 and len(resumed["losses"]) == 1
+    np.testing.assert_allclose(resumed["losses"], straight["losses"][-1:], rtol=1e-6)
+    _assert_same_weights(_adapter(out), weights)
+
+
+@pytest.mark.parametrize(("seconds", "steps"), [(1e-9, 1), (1e9, 8)])
+def test_a_budget_trains_at_least_the_timed_step_and_at_most_max_steps(tmp_path, seconds, steps):
+    from zhjax.train.trainer import train
+
+    assert train(_cfg(tmp_path / "run", tmp_path / "cache", f"max_train_seconds={seconds}"))["step"] == steps
+
+
+def test_a_negative_budget_is_refused_before_any_work(tmp_path):
+    from zhjax.train.trainer import train
+    from zhjax.train.validate import JobConfigError
+
+    with pytest.raises(JobConfigError, match=r"max_train_seconds=-1.0: expected a number of seconds >= 0"):
+        train(_cfg(tmp_path / "run", tmp_path / "cache", "max_train_seconds=-1"))
+    assert not (tmp_path / "run").exists()
