@@ -9,7 +9,8 @@ add BOS and EOS per line, both use ``--num-proc`` worker processes.
 
 Every measurement runs in a fresh Python process (a tokenizer's word cache would otherwise favour whichever
 runs second), timed from after the tokenizer is loaded to the blocks on disk; the runs alternate A B A B and
-the table shows the median. Tokens/s counts the tokens of the corpus (BOS/EOS included), the same for both.
+the table shows the median. The load average is printed first; a busy machine is refused
+(`bench/quiet.py`). Tokens/s counts the tokens of the corpus (BOS/EOS included), the same for both.
 
 Two tokenizers:
 
@@ -18,7 +19,7 @@ Two tokenizers:
   SentencePiece-backed tokenizer (as the seed's ``LlamaTokenizer``), zhjax its ``tokenizers`` conversion.
   Both give the same ids on the corpus (checked before timing; the table says so).
 
-Usage: ``python bench/data.py [--rounds 3] [--num-proc N] [--block-size 512] [--tokenizers smollm2,sentencepiece]``
+Usage: ``python bench/data.py [--rounds 3] [--num-proc N] [--block-size 512] [--tokenizers smollm2,sentencepiece] [--force]``
 """
 
 from __future__ import annotations
@@ -133,9 +134,13 @@ def main() -> None:
     parser.add_argument("--tokenizers", default="smollm2,sentencepiece")
     parser.add_argument("--method", choices=["seed", "zhjax"], help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--force", action="store_true", help="run even when the load average is above 1.0")
     args = parser.parse_args()
     if args.method:
         return worker(args)
+    from quiet import load_line, require_quiet_machine
+
+    require_quiet_machine(args.force)
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     rows = []
@@ -158,7 +163,7 @@ def main() -> None:
         rows.append((kind, f"({note})", None, None, None, None, ""))
 
     print(f"\nPeople's Daily 1998-01, block_size {args.block_size}, num_proc {args.num_proc}, "
-          f"median of {args.rounds} interleaved runs, {os.cpu_count()} CPUs")
+          f"median of {args.rounds} interleaved runs, {os.cpu_count()} CPUs; after: {load_line()}")
     header = f"{'tokenizer':<14}{'method':<8}{'seconds':>9}{'tokens/s':>12}{'blocks':>8}{'tokens lost':>13}{'speed-up':>10}"
     print(header + "\n" + "-" * len(header))
     for kind, m, sec, tps, blocks, lost, ratio in rows:

@@ -19,18 +19,12 @@ unless `--force`).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _load() -> str:
-    a = os.getloadavg()
-    return f"load average {a[0]:.2f} {a[1]:.2f} {a[2]:.2f} (1, 5, 15 min), {os.cpu_count()} CPUs"
 
 
 def main() -> None:
@@ -48,9 +42,9 @@ def main() -> None:
 
     require("torch", extra="torch", why="the harness's hf model", prog="bench/eval.py")
     require("lm_eval", extra="lm-eval", why="lm-evaluation-harness", prog="bench/eval.py")
-    print(_load(), flush=True)
-    if os.getloadavg()[0] > 1.0 and not args.force:
-        raise SystemExit("refusing to time on a busy machine (1-min load average above 1.0); --force to run anyway")
+    from quiet import load_line, require_quiet_machine
+
+    require_quiet_machine(args.force)
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -95,7 +89,7 @@ def main() -> None:
     for name, t in times.items():
         qps = n / statistics.median(t)
         print(f"| {name} | {qps:.2f} | {qps / base:.2f}x |")
-    print(_load())
+    print(load_line())
 
 
 if __name__ == "__main__":

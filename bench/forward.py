@@ -1,6 +1,6 @@
 """Forward tokens/s of SmolLM2-135M, zhjax vs transformers, fp32, batch 4 x 256, runs interleaved A B A B.
 
-    .venv/bin/python bench/forward.py [--model assets/smollm2-135m] [--batch 4] [--seq 256] [--rounds 5]
+    .venv/bin/python bench/forward.py [--model assets/smollm2-135m] [--batch 4] [--seq 256] [--rounds 5] [--force]
 
 These machines' speed drifts by 2-5x within minutes, so only the per-pair ratios of one run mean anything.
 """
@@ -27,7 +27,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--force", action="store_true", help="run even when the load average is above 1.0")
     args = parser.parse_args()
+    from quiet import load_line, require_quiet_machine
+
+    require_quiet_machine(args.force)
     if args.model == "assets/smollm2-135m":
         from zhjax.assets import ensure_assets
 
@@ -72,6 +76,7 @@ def main() -> None:
     print(f"| transformers {transformers.__version__} (torch {torch.__version__}) | {tb:.3f} | {tokens / tb:.0f} | |")
     print(f"\nper-pair speed ratio zhjax/transformers: median {statistics.median(ratios):.2f}x "
           f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    print(f"after: {load_line()}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Greedy decoding speed of SmolLM2-135M on this CPU: zhjax vs transformers `generate`, fp32 both.
 
-    .venv/bin/python bench/generate.py [--new-tokens 64] [--repeats 3] [--torch-threads N]
+    .venv/bin/python bench/generate.py [--new-tokens 64] [--repeats 3] [--torch-threads N] [--force]
 
 For batch 1 and batch 8 (left-padded prompts of different lengths), each system generates `--new-tokens` tokens
 (EOS ignored) and, separately, 1 token; runs alternate A B A B so both see the same machine load. Decode speed
@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--force", action="store_true", help="run even when the load average is above 1.0")
     args = parser.parse_args(argv)
+    from quiet import load_line, require_quiet_machine
+
+    require_quiet_machine(args.force)
 
     import torch
     import transformers
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     bound = bandwidth / weight_bytes
 
     print(f"\nSmolLM2-135M fp32, greedy, {n} new tokens, medians of {args.repeats} interleaved runs; "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, jax {__import__('jax').__version__}")
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, jax {__import__('jax').__version__}; "
+          f"after: {load_line()}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); weights read per token {weight_bytes / 1e6:.0f} MB; "
           f"batch-1 bound {bound:.1f} tokens/s ({1e3 / bound:.1f} ms/token)\n")
     header = (f"{'batch':>5}  {'system':<12} {'decode tok/s':>12} {'ms/step':>8} {'end-to-end tok/s':>16} {'speedup':>8} "

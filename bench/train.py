@@ -201,10 +201,9 @@ def main() -> None:
     from zhjax.train.config import JobConfig  # the trainer's default remat policy, what the zhjax rows run
 
     require("torch", "peft", extra="torch", why="the reference side (transformers + peft)", prog="bench/train.py")
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min), {os.cpu_count()} CPUs", flush=True)
-    if load[0] > 1.0 and not args.force:
-        raise SystemExit("refusing to time on a busy machine (1-min load average above 1.0); --force to run anyway")
+    from quiet import require_quiet_machine
+
+    load = require_quiet_machine(args.force)
     if args.model == "assets/smollm2-135m":
         from zhjax.assets import ensure_assets
 
@@ -251,7 +250,7 @@ def main() -> None:
     step_flops = (fpt or 0) * tokens
     head = "untied" if args.untied else "tied"
     print(f"\nLoRA r=8 + embed/head training step, SmolLM2-135M with {args.vocab} rows ({head}), batch {args.batch} "
-          f"x {args.seq}, CPU, load average at start {load[0]:.2f}")
+          f"x {args.seq}, CPU, load average at start {load:.2f}")
     print(f"step matmul FLOPs {step_flops / 1e9:.0f} GFLOP; large fp32 GEMM in this run {rate / 1e9:.0f} GFLOP/s\n")
     print("| system | median s/step | tokens/s | peak RSS MiB | FLOPs / fp32 GEMM rate |")
     print("|---|---|---|---|---|")

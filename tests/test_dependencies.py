@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-FIRST_PARTY = {"zhjax", "tools", "tests", "bench", "accelerator", "memory"}  # bench/ modules import each other
+FIRST_PARTY = {"zhjax", "tools", "tests", "bench", "accelerator", "memory", "quiet"}  # bench/ modules import each other
 
 # Declared but never imported by name, each for a reason.
 USED_INDIRECTLY = {
