@@ -207,3 +207,12 @@ def pytest_collection_modifyitems(config, items):
         names = SLOW.get(item.path.name, ())
         if item.name in names or getattr(item, "originalname", item.name) in names:
             item.add_marker(pytest.mark.slow)
+
+# fifteenth session: the fast tier at 3 min 4 s (411 tests) once the time-budget tests came in; their two slowest
+for _file, _names in {
+    "test_time_budget.py": {
+        "test_a_budget_trains_the_steps_that_fit_at_step_0s_rate_exactly_as_a_run_of_that_length",  # 15.9 s
+        "test_a_resumed_budgeted_run_keeps_its_length_and_continues_the_same_schedule",  # 10.2 s
+    },
+}.items():
+    SLOW[_file] = set(SLOW.get(_file, ())) | _names
