@@ -48,6 +48,15 @@ TRAIN = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
 
     trainer.save, trainer.MetricsLogger.log = save, log
+    if os.environ.get("STEP_SECONDS"):  # this process's clock: each reading this many seconds after the last
+        class StepClock:
+            now, tick = 0.0, float(os.environ["STEP_SECONDS"].split(",")[jax.process_index()])
+
+            def perf_counter(self):
+                self.now += self.tick
+                return self.now
+
+        trainer.time = StepClock()
     summary = trainer.train(load_job_config("pretrain", "configs/pretrain/tiny.yaml", sys.argv[1:]), "pretrain")
     print("RESULT" + json.dumps(summary["losses"]), flush=True)
     """
@@ -128,6 +137,17 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path)
         np.testing.assert_allclose(value, alone[name], atol=1e-5, rtol=0, err_msg=name)
     assert sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert "step=1 " not in results[1][1] and "step=3 " in results[0][1]
+
+
+def test_a_time_budget_gives_every_process_the_same_length(tmp_path):
+    # process 0 times step 0 at 1 s, process 1 at 0.25 s: alone they would take 3 and 8 steps (a 3.5 s budget, at
+    # most 8) and the collectives of the longer one would wait forever; both take process 0's count
+    results = run_processes(job_args(tmp_path, "budget", "max_train_seconds=3.5", "max_steps=8"), n=2, devices=2,
+                            STEP_SECONDS="1,0.25")
+    assert all(rc == 0 for rc, _ in results), "\n".join(o[-4000:] for _, o in results)
+    losses = [json.loads(line[len("RESULT"):]) for _, o in results for line in o.splitlines() if line.startswith("RESULT")]
+    assert len(losses) == 2 and losses[0] == losses[1] and len(losses[0]) == 3
+    assert sorted(logged_losses(tmp_path / "budget")) == [1, 2, 3]
 
 
 def test_a_dead_process_makes_the_other_exit_with_an_error_in_bounded_time(tmp_path):
