@@ -48,15 +48,24 @@ TRAIN = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
 
     trainer.save, trainer.MetricsLogger.log = save, log
-    if os.environ.get("STEP_SECONDS"):  # this process's clock: each reading this many seconds after the last
+    if os.environ.get("STEP_SECONDS"):  # this process's clock, moved by its train steps: "first:rest,first:rest"
+        from zhjax.train import step as step_module
+
         class StepClock:
-            now, tick = 0.0, float(os.environ["STEP_SECONDS"].split(",")[jax.process_index()])
+            now, calls = 0.0, 0
+            first, rest = map(float, os.environ["STEP_SECONDS"].split(",")[jax.process_index()].split(":"))
 
             def perf_counter(self):
-                self.now += self.tick
                 return self.now
 
-        trainer.time = StepClock()
+        clock, original_call = StepClock(), step_module.TrainStep.__call__
+
+        def timed_call(train_step, *args):
+            clock.now += clock.first if clock.calls == 0 else clock.rest
+            clock.calls += 1
+            return original_call(train_step, *args)
+
+        step_module.TrainStep.__call__, trainer.time = timed_call, clock
     summary = trainer.train(load_job_config("pretrain", "configs/pretrain/tiny.yaml", sys.argv[1:]), "pretrain")
     print("RESULT" + json.dumps(summary["losses"]), flush=True)
     """
@@ -140,14 +149,15 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path)
 
 
 def test_a_time_budget_gives_every_process_the_same_length(tmp_path):
-    # process 0 times step 0 at 1 s, process 1 at 0.25 s: alone they would take 3 and 8 steps (a 3.5 s budget, at
-    # most 8) and the collectives of the longer one would wait forever; both take process 0's count
-    results = run_processes(job_args(tmp_path, "budget", "max_train_seconds=3.5", "max_steps=8"), n=2, devices=2,
-                            STEP_SECONDS="1,0.25")
+    # process 0's step 0 takes 2 s and its later steps 1 s: a 13 s budget buys 6 steps, corrected after steps 1-4 to
+    # 12; process 1's steps take 0.25 s, which alone would buy the bound (20) at both points, and the collectives of
+    # the longer run would wait forever: both take process 0's timings
+    args = job_args(tmp_path, "budget", "max_train_seconds=13", "max_steps=20", "save_steps=0")
+    results = run_processes(args, n=2, devices=2, STEP_SECONDS="2:1,0.25:0.25")
     assert all(rc == 0 for rc, _ in results), "\n".join(o[-4000:] for _, o in results)
     losses = [json.loads(line[len("RESULT"):]) for _, o in results for line in o.splitlines() if line.startswith("RESULT")]
-    assert len(losses) == 2 and losses[0] == losses[1] and len(losses[0]) == 3
-    assert sorted(logged_losses(tmp_path / "budget")) == [1, 2, 3]
+    assert len(losses) == 2 and losses[0] == losses[1] and len(losses[0]) == 12
+    assert sorted(logged_losses(tmp_path / "budget")) == list(range(1, 13))
 
 
 def test_a_dead_process_makes_the_other_exit_with_an_error_in_bounded_time(tmp_path):

@@ -394,3 +394,32 @@ def test_a_schedule_whose_length_is_set_after_update_0_is_hfs_schedule_of_that_l
     np.testing.assert_allclose(rates, hf_lrs(cfg, STEPS), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="num_training_steps must be >= 1"):
         set_schedule_length(state, cfg, 0)
+
+
+@needs_torch
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_a_length_corrected_after_the_warmup_keeps_the_warmup_and_ends_on_hfs_schedule_of_the_new_length(kind):
+    # a time-budgeted run sets 80 steps (warmup 4) after update 0 and corrects them to 25 (HF's warmup: 2)
+    # after update 4
+    from zhjax.train.optim import scale_by_schedule_of_length, set_schedule_length
+
+    cfg = OptimConfig(learning_rate=2e-4, lr_scheduler_type=kind, warmup_ratio=0.05)
+    tx = scale_by_schedule_of_length(cfg, 1000)
+    state, rates = tx.init(jnp.ones(2)), []
+    for k in range(25):
+        updates, state = tx.update(jnp.ones(2), state)
+        rates.append(-float(updates[0]))
+        if k == 0:
+            state = set_schedule_length(state, cfg, 80)
+        if k == 4:
+            state = set_schedule_length(state, cfg, 25, keep_warmup=True)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    sched = transformers.get_scheduler(kind, opt, num_warmup_steps=4, num_training_steps=25)  # 4 = 80 x 0.05
+    hf = []
+    for _ in range(25):
+        hf.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(rates[5:], hf[5:], rtol=1e-6, atol=0)  # from the correction on, and ...
+    np.testing.assert_allclose(rates[:4], hf[:4], rtol=1e-6, atol=0)  # ... the warmup kept its 4 steps
+    assert rates[-1] < 0.05 * cfg.learning_rate  # the schedule ends with the run, not 15 steps later

@@ -1,8 +1,10 @@
 """`max_train_seconds`: a run trains as many steps as fit in its budget at the rate of its first step (timed alone,
-after compiling), and those steps are exactly what a run of that many steps trains; a resumed run keeps its length."""
+after compiling), and those steps are exactly what a run of that many steps trains; when more steps follow, the
+length is corrected once from the next steps' mean time; a resumed run keeps its length."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,6 +23,28 @@ class StepClock:
 
     def perf_counter(self) -> float:
         self.now += 1.0
+        return self.now
+
+
+class StepTimes:
+    """A stand-in clock that moves only when a train step is called: step 0 takes `first` seconds, each later step
+    `rest` (installed on the trainer's `time` and on `TrainStep.__call__`)."""
+
+    def __init__(self, monkeypatch, first: float, rest: float):
+        from zhjax.train import step, trainer
+
+        self.now, self.calls = 0.0, 0
+        original = step.TrainStep.__call__
+
+        def call(train_step, *args):
+            self.now += first if self.calls == 0 else rest
+            self.calls += 1
+            return original(train_step, *args)
+
+        monkeypatch.setattr(step.TrainStep, "__call__", call)
+        monkeypatch.setattr(trainer, "time", self)
+
+    def perf_counter(self) -> float:
         return self.now
 
 
@@ -61,6 +85,36 @@ def test_a_budget_trains_the_steps_that_fit_at_step_0s_rate_exactly_as_a_run_of_
     _assert_same_weights(_adapter(tmp_path / "budget"), _adapter(tmp_path / "fixed"))
     saved = sorted(int(p.name) for p in (tmp_path / "budget" / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [2, 4, 5]  # the last step is saved as in any run
+
+
+def test_the_length_is_corrected_once_from_the_steps_after_step_0_and_the_schedule_ends_with_the_run(
+        tmp_path, monkeypatch, capsys):
+    from zhjax.train import trainer
+
+    StepTimes(monkeypatch, first=2.0, rest=1.0)  # step 0 twice as slow as the rest, as a cold first step can be
+    out = tmp_path / "run"
+    summary = trainer.train(_cfg(out, tmp_path / "cache", "max_train_seconds=13", "max_steps=20", "save_steps=0"))
+
+    # step 0 buys 6 steps; steps 1-4 take 4 s, so 13 - 2 - 4 = 7 s buy 7 more: 12 steps and 13 training seconds
+    assert summary["step"] == 12 and len(summary["losses"]) == 12
+    said = capsys.readouterr().out
+    assert "time budget 13 s at 2 s a step (step 0, timed alone): about 6 steps, corrected after step 4" in said
+    assert "time budget 13 s at 1 s a step (steps 1-4): 12 steps (at most 20)" in said
+    # the logged learning rates: the warmup of the 6 steps (1 update), then HF's cosine over 12 steps to the end
+    import torch
+    import transformers
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = transformers.get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=12)
+    hf = []
+    for _ in range(12):
+        hf.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "lr" in r}
+    peak = _cfg(out, tmp_path / "cache").optim.learning_rate
+    np.testing.assert_allclose([logged[k] for k in range(6, 13)], [peak * r for r in hf[5:]], rtol=1e-5)
 
 
 def test_a_resumed_budgeted_run_keeps_its_length_and_continues_the_same_schedule(tmp_path, monkeypatch):

@@ -143,16 +143,17 @@ def num_warmup_steps(cfg: OptimConfig, num_training_steps: int) -> int:
     return math.ceil(num_training_steps * cfg.warmup_ratio)
 
 
-def learning_rate_schedule(cfg: OptimConfig, num_training_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimConfig, num_training_steps: int, warmup: int | None = None) -> optax.Schedule:
     """The learning rate of optimizer update k (k = 0, 1, ...), equal to HF's scheduler for the same settings.
 
-    Linear warmup from 0 over `num_warmup_steps`, then cosine to 0 at `num_training_steps` (`"cosine"`, HF's
-    default half cycle), a straight line to 0 (`"linear"`), or the peak (`"constant_with_warmup"`). Works on
-    scalars and arrays of steps; returns float32.
+    Linear warmup from 0 over `num_warmup_steps` (or `warmup` steps, as a time-budgeted run may keep), then cosine
+    to 0 at `num_training_steps` (`"cosine"`, HF's default half cycle), a straight line to 0 (`"linear"`), or the
+    peak (`"constant_with_warmup"`). Works on scalars and arrays of steps; returns float32.
     """
     if num_training_steps < 1:
         raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}")
-    warmup = num_warmup_steps(cfg, num_training_steps)
+    if warmup is None:
+        warmup = num_warmup_steps(cfg, num_training_steps)
     return lambda count: _schedule_value(cfg, count, num_training_steps, warmup)
 
 
@@ -206,19 +207,23 @@ def scale_by_schedule_of_length(cfg: OptimConfig, num_training_steps: int) -> op
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def set_schedule_length(opt_state: PyTree, cfg: OptimConfig, num_training_steps: int) -> PyTree:
+def set_schedule_length(opt_state: PyTree, cfg: OptimConfig, num_training_steps: int,
+                        keep_warmup: bool = False) -> PyTree:
     """`opt_state` (of an optimizer built with `schedule_length_in_state`) with its schedule over
-    `num_training_steps` from the next update on, its warmup recomputed as HF computes it for that length; the new
-    scalars keep the placement of the ones they replace."""
+    `num_training_steps` from the next update on, its warmup recomputed as HF computes it for that length (or the
+    warmup it has, `keep_warmup`: for a length corrected after some warmup updates were applied); the new scalars
+    keep the placement of the ones they replace."""
     if num_training_steps < 1:
         raise ValueError(f"num_training_steps must be >= 1, got {num_training_steps}")
     from zhjax.train.state import step_array
 
     old = optax.tree.get(opt_state, "ScheduleLengthState")
+    warmup = old.num_warmup_steps if keep_warmup else step_array(num_warmup_steps(cfg, num_training_steps),
+                                                                  old.num_warmup_steps.sharding)
     return optax.tree.set(
         opt_state,
         num_training_steps=step_array(num_training_steps, old.num_training_steps.sharding),
-        num_warmup_steps=step_array(num_warmup_steps(cfg, num_training_steps), old.num_warmup_steps.sharding),
+        num_warmup_steps=warmup,
     )
 
 

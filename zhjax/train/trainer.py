@@ -12,9 +12,10 @@ Reads top to bottom: `train` is `set_up`, `restore`, `loop`; `save` writes a che
 3. `loop`: step (metrics stay on the device), read them and check the loss is finite at logging, evaluation and
    save steps only, log every `logging_steps`, evaluate every `eval_steps`, `save` every `save_steps` (orbax,
    async) together with a PEFT adapter export. A run with a time budget (`max_train_seconds`) compiles its step
-   first, times step 0 alone and then fixes its length to the steps that budget buys at that rate (at most
-   `max_steps`); the learning-rate schedule's length lives in the optimizer state for this, and step 0's rate is
-   the same for any length, so the run trains what a run of that many steps would.
+   first, times step 0 alone and sets its length to the steps the budget buys at that rate (at most `max_steps`),
+   then corrects it once from the mean of the next steps (`BUDGET_TIMED_STEPS`, or the whole warmup when longer):
+   one step's time is off by 10% either way on a CPU, four steps' mean much less. The learning-rate schedule's
+   length lives in the optimizer state for this; the warmup keeps the length step 0 gave it.
 
 `output_dir` may be a URL (`gs://bucket/run`): checkpoints go there directly, process 0's files are staged
 locally and uploaded at each save (`zhjax.train.storage`).
@@ -42,7 +43,7 @@ from zhjax.train.checkpoint import RunCheckpointer
 from zhjax.train.config import JobConfig
 from zhjax.train.data_setup import TrainData, build_data
 from zhjax.train.metrics import MetricsLogger, flops_per_token, peak_flops
-from zhjax.train.optim import build_optimizer, learning_rate_schedule, set_schedule_length
+from zhjax.train.optim import build_optimizer, learning_rate_schedule, num_warmup_steps, set_schedule_length
 from zhjax.train.state import TrainState, init_train_state
 from zhjax.train.step import TrainStep, build_eval_step, build_train_step
 from zhjax.train.storage import OutputDir
@@ -140,6 +141,8 @@ class Run:
     ckpt: RunCheckpointer
     total_steps: int  # with a time budget: an upper bound until step 0 has been timed (`length_fixed`)
     length_fixed: bool = True
+    budget: _Budget | None = None  # a time budget whose length is still to be corrected
+    warmup_steps: int | None = None  # None: HF's for `total_steps` (a time budget may keep an earlier length's)
     logger: MetricsLogger | None = None
     last_saved: int | None = None
 
@@ -187,7 +190,7 @@ def set_up(cfg: JobConfig, kind: str) -> Run:
                            async_save=cfg.async_checkpointing)
     return Run(cfg, kind, out, is_main, mesh, data, model_cfg, graphdef, frozen, state, train_step,
                build_eval_step(graphdef, train_step, cfg.loss_chunk_size), ckpt, total_steps,
-               length_fixed=not budgeted)
+               length_fixed=not budgeted, budget=_Budget(cfg.max_train_seconds, total_steps) if budgeted else None)
 
 
 def _prepare_output(cfg: JobConfig, kind: str) -> tuple[OutputDir, bool]:
@@ -215,7 +218,8 @@ def restore(run: Run) -> int:
     run.last_saved, run.state, meta = restored
     run.data.load_state_dict(meta["data"])
     if not run.length_fixed and "total_steps" in meta:  # the length its time budget fixed (in the state too)
-        run.total_steps, run.length_fixed = meta["total_steps"], True
+        run.total_steps, run.warmup_steps = meta["total_steps"], meta.get("warmup_steps")
+        run.length_fixed, run.budget = True, None
     if run.is_main:
         print(f"resumed from {run.ckpt.directory / str(run.last_saved)} at step {meta['step']}")
     return meta["step"]
@@ -239,11 +243,16 @@ def loop(run: Run, start_step: int) -> list[float]:
         meter.restart()
     pending = []  # (step, metrics) still on the device
     for step in run.logger.progress(_steps(run, start_step), initial=start_step, total=run.total_steps):
+        length_moved = not run.length_fixed
         if run.length_fixed:
             run.state, metrics = run.train_step(run.state, run.frozen, data.next_train_batch())
         else:
             run.state, metrics = _timed_first_step(run, data.next_train_batch())
-            meter.schedule = learning_rate_schedule(cfg.optim, run.total_steps)
+        if run.budget is not None and step + 1 == run.budget.fix_at:
+            _correct_length(run, metrics)
+            length_moved = True
+        if length_moved:
+            meter.schedule = learning_rate_schedule(cfg.optim, run.total_steps, run.warmup_steps)
             run.logger.set_total(run.total_steps)
         total = run.total_steps
         pending.append((step, metrics))
@@ -258,15 +267,17 @@ def loop(run: Run, start_step: int) -> list[float]:
         pending = []
         if log_now:
             run.logger.log(meter.record(done, losses, metrics))
+        pause_start = time.perf_counter()
         if eval_now:
-            eval_start = time.perf_counter()
             run.logger.log({"step": done, **evaluate(run.eval_step, run.state.trainable, run.frozen, data,
                                                      cfg.max_eval_batches)})
-            meter.window_start += time.perf_counter() - eval_start  # evaluation is not training time
+            meter.window_start += time.perf_counter() - pause_start  # evaluation is not training time
         if save_now:
             run.logger.flush()  # the records so far are uploaded with this save
             save(run.ckpt, done, run.state, run)
             run.last_saved = done
+        if run.budget is not None:  # nor are evaluation and saves time the budget pays for
+            run.budget.since += time.perf_counter() - pause_start
     return losses
 
 
@@ -278,30 +289,78 @@ def _steps(run: Run, start_step: int):
         step += 1
 
 
+# steps timed after step 0 before a time-budgeted run's length is corrected (or the whole warmup, when longer)
+BUDGET_TIMED_STEPS = 4
+
+
+@dataclasses.dataclass
+class _Budget:
+    """A time-budgeted run's clock: the length step 0 buys, corrected once after the steps that follow it."""
+
+    seconds: float  # `max_train_seconds`
+    upper: int  # `max_steps` or the epochs'
+    first: float = 0.0  # step 0's seconds
+    fix_at: int = 0  # steps done when the length is corrected
+    since: float = 0.0  # the clock after step 0, moved on by the evaluations and saves since
+
+
 def _timed_first_step(run: Run, batch) -> tuple[TrainState, dict]:
-    """Step 0 of a time-budgeted run: compiled first, run and timed alone; then the run's length is fixed.
+    """Step 0 of a time-budgeted run: compiled first, run and timed alone; then the run's length is set.
 
     `max_train_seconds / (step 0's seconds)` steps, at least 1 and at most the upper bound `run.total_steps`
     (`max_steps` or the epochs'); the schedule's length in the optimizer state is set to it before step 1. (Step
-    0's learning rate is the same for any length: 0 in warmup, the peak without.) Every process takes process 0's
-    timing, so all agree on the length.
+    0's learning rate is the same for any length: 0 in warmup, the peak without.) When steps follow the warmup
+    and the next `BUDGET_TIMED_STEPS`, the length is corrected after them (`_correct_length`). Every process takes
+    process 0's timing, so all agree on the length.
     """
     run.train_step.lower(run.state, run.frozen, batch).compile()  # jit reuses it: the timed call only runs
     start = time.perf_counter()
     state, metrics = run.train_step(run.state, run.frozen, batch)
     jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
-    budget, upper = run.cfg.max_train_seconds, run.total_steps
-    steps = budgeted_steps(budget, seconds, upper)
+    budget = run.budget
+    budget.first = seconds = _process_0s(time.perf_counter() - start)
+    steps = budgeted_steps(budget.seconds, seconds, budget.upper)
     state = state._replace(opt_state=set_schedule_length(state.opt_state, run.cfg.optim, steps))
-    run.total_steps, run.length_fixed = steps, True
-    run.logger.text(f"time budget {budget:g} s at {seconds:.3g} s a step (step 0, timed alone): {steps} steps "
-                    f"(at most {upper})")
+    run.total_steps, run.warmup_steps = steps, num_warmup_steps(run.cfg.optim, steps)
+    run.length_fixed = True
+    head = f"time budget {budget.seconds:g} s at {seconds:.3g} s a step (step 0, timed alone)"
+    fix_at = max(BUDGET_TIMED_STEPS + 1, run.warmup_steps)
+    if fix_at < steps:
+        budget.fix_at, budget.since = fix_at, time.perf_counter()
+        run.logger.text(f"{head}: about {steps} steps, corrected after step {fix_at - 1} from steps 1-{fix_at - 1}")
+    else:
+        run.budget = None
+        run.logger.text(f"{head}: {steps} steps (at most {budget.upper})")
     return state, metrics
+
+
+def _correct_length(run: Run, metrics) -> None:
+    """The run's length from the mean time of steps 1 .. `fix_at - 1` (step 0 runs a fresh program, slower or
+    faster than the rest): the steps done, and as many more as the budget's remaining seconds buy at that rate.
+
+    The warmup keeps the length step 0 set (its updates are applied); from the next update on the schedule runs
+    over the corrected length, so it still ends at 0 on the last step.
+    """
+    jax.block_until_ready(metrics)
+    budget, done = run.budget, run.budget.fix_at
+    timed = done - 1
+    elapsed = _process_0s(time.perf_counter() - budget.since)
+    per_step = elapsed / timed
+    left = budget.seconds - budget.first - elapsed
+    steps = budget.upper if per_step <= 0 else min(budget.upper, done + max(0, math.floor(left / per_step)))
+    opt_state = set_schedule_length(run.state.opt_state, run.cfg.optim, steps, keep_warmup=True)
+    run.state, run.total_steps, run.budget = run.state._replace(opt_state=opt_state), steps, None
+    run.logger.text(f"time budget {budget.seconds:g} s at {per_step:.3g} s a step (steps 1-{timed}): {steps} steps "
+                    f"(at most {budget.upper})")
+
+
+def _process_0s(seconds: float) -> float:
+    """Process 0's reading of a time, on every process (the same on one process)."""
+    if jax.process_count() == 1:
+        return seconds
+    from jax.experimental import multihost_utils
+
+    return float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
 
 
 def budgeted_steps(budget_seconds: float, step_seconds: float, upper: int) -> int:
@@ -323,7 +382,7 @@ class _Meter:
         self.fpt = flops_per_token(run.model_cfg, n_train, n_frozen, d.seq_len, embed_trainable=embed_trainable)
         self.peak = (cfg.peak_tflops_per_device * 1e12) if cfg.peak_tflops_per_device else peak_flops(jax.devices()[0])
         self.devices = len(mesh.devices.flat)
-        self.schedule = learning_rate_schedule(cfg.optim, run.total_steps)
+        self.schedule = learning_rate_schedule(cfg.optim, run.total_steps, run.warmup_steps)
         self.logging_steps, self.data = cfg.logging_steps, d
         if run.is_main:
             rewind_metrics(run.out.local, start_step)  # records past the restored step are logged again
@@ -406,7 +465,7 @@ def save(ckpt: RunCheckpointer, step: int, state: TrainState, run: Run) -> None:
     """
     cfg, out = run.cfg, run.out
     ckpt.save(step, state, {"data": run.data.state_dict(), "seed": cfg.seed, "config": jsonable(cfg),
-                            "total_steps": run.total_steps})
+                            "total_steps": run.total_steps, "warmup_steps": run.warmup_steps})
     if not cfg.full_finetuning:
         # the adapter export reads every shard of the trainable state: replicate it (all processes take part)
         model = nnx.merge(run.graphdef, _gathered_on_host(state.trainable), run.frozen)
