@@ -45,6 +45,20 @@ def test_batched_bits_per_char_equals_line_by_line_loss(assets, smollm2):
     assert got.bits_per_char == pytest.approx(_reference_bits_per_char(model, tok, [x for x in lines if x]), rel=1e-5)
 
 
+def test_bfloat16_scoring_runs_in_bf16_and_stays_within_a_hundredth_of_a_bit_of_float32(assets, smollm2):
+    from zhjax.eval.hf import bits_per_character
+
+    model, tok = smollm2
+    lines = [x for x in assets.corpus_text.read_text(encoding="utf-8").splitlines()[:400] if x][::20][:14]
+    full = bits_per_character(model, tok, lines, max_tokens=None)
+    half = bits_per_character(model, tok, lines, max_tokens=None, dtype="bfloat16")
+    assert half.bits_per_char != full.bits_per_char  # the products did run in bf16
+    assert half.bits_per_char == pytest.approx(full.bits_per_char, abs=0.01)
+    assert (half.tokens, half.characters) == (full.tokens, full.characters)
+    with pytest.raises(ValueError, match=r"dtype 'float16': expected one of \('float32', 'bfloat16'\)"):
+        bits_per_character(model, tok, lines, dtype="float16")
+
+
 def test_long_lines_are_cut_with_their_characters(smollm2):
     from zhjax.eval.hf import bits_per_character
 

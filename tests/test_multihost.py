@@ -149,15 +149,15 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path)
 
 
 def test_a_time_budget_gives_every_process_the_same_length(tmp_path):
-    # process 0's step 0 takes 2 s and its later steps 1 s: a 13 s budget buys 6 steps, corrected after steps 1-4 to
-    # 12; process 1's steps take 0.25 s, which alone would buy the bound (20) at both points, and the collectives of
-    # the longer run would wait forever: both take process 0's timings
-    args = job_args(tmp_path, "budget", "max_train_seconds=13", "max_steps=20", "save_steps=0")
+    # process 0's step 0 takes 2 s and its later steps 1 s: a 30 s budget buys 15 steps, corrected after step 12 (14
+    # s spent) to 29; process 1's steps take 0.25 s, which alone would buy the bound (40) at both points, and the
+    # collectives of the longer run would wait forever: both take process 0's timings
+    args = job_args(tmp_path, "budget", "max_train_seconds=30", "max_steps=40", "save_steps=0")
     results = run_processes(args, n=2, devices=2, STEP_SECONDS="2:1,0.25:0.25")
     assert all(rc == 0 for rc, _ in results), "\n".join(o[-4000:] for _, o in results)
     losses = [json.loads(line[len("RESULT"):]) for _, o in results for line in o.splitlines() if line.startswith("RESULT")]
-    assert len(losses) == 2 and losses[0] == losses[1] and len(losses[0]) == 12
-    assert sorted(logged_losses(tmp_path / "budget")) == list(range(1, 13))
+    assert len(losses) == 2 and losses[0] == losses[1] and len(losses[0]) == 29
+    assert sorted(logged_losses(tmp_path / "budget")) == list(range(1, 30))
 
 
 def test_a_dead_process_makes_the_other_exit_with_an_error_in_bounded_time(tmp_path):

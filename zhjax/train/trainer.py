@@ -13,9 +13,9 @@ Reads top to bottom: `train` is `set_up`, `restore`, `loop`; `save` writes a che
    save steps only, log every `logging_steps`, evaluate every `eval_steps`, `save` every `save_steps` (orbax,
    async) together with a PEFT adapter export. A run with a time budget (`max_train_seconds`) compiles its step
    first, times step 0 alone and sets its length to the steps the budget buys at that rate (at most `max_steps`),
-   then corrects it once from the mean of the next steps (`BUDGET_TIMED_STEPS`, or the whole warmup when longer):
-   one step's time is off by 10% either way on a CPU, four steps' mean much less. The learning-rate schedule's
-   length lives in the optimizer state for this; the warmup keeps the length step 0 gave it.
+   then corrects it once from the mean time of steps 5-12 and the seconds left (`_correct_length`): one step's
+   time is off by 10% either way on a CPU, and the first few after a fresh compile run slower than the rest. The
+   learning-rate schedule's length lives in the optimizer state for this; the warmup keeps step 0's length.
 
 `output_dir` may be a URL (`gs://bucket/run`): checkpoints go there directly, process 0's files are staged
 locally and uploaded at each save (`zhjax.train.storage`).
@@ -248,7 +248,10 @@ def loop(run: Run, start_step: int) -> list[float]:
             run.state, metrics = run.train_step(run.state, run.frozen, data.next_train_batch())
         else:
             run.state, metrics = _timed_first_step(run, data.next_train_batch())
-        if run.budget is not None and step + 1 == run.budget.fix_at:
+        if run.budget is not None and step + 1 == run.budget.window_from:
+            jax.block_until_ready(metrics)
+            run.budget.window_start = time.perf_counter()
+        elif run.budget is not None and step + 1 == run.budget.fix_at:
             _correct_length(run, metrics)
             length_moved = True
         if length_moved:
@@ -277,7 +280,9 @@ def loop(run: Run, start_step: int) -> list[float]:
             save(run.ckpt, done, run.state, run)
             run.last_saved = done
         if run.budget is not None:  # nor are evaluation and saves time the budget pays for
-            run.budget.since += time.perf_counter() - pause_start
+            paused = time.perf_counter() - pause_start
+            run.budget.since += paused
+            run.budget.window_start += paused
     return losses
 
 
@@ -289,8 +294,11 @@ def _steps(run: Run, start_step: int):
         step += 1
 
 
-# steps timed after step 0 before a time-budgeted run's length is corrected (or the whole warmup, when longer)
-BUDGET_TIMED_STEPS = 4
+# A time-budgeted run's length is corrected from the mean time of the BUDGET_TIMED_STEPS steps that follow the
+# BUDGET_SETTLE_STEPS after step 0 (steps 5-12): in the demo, steps 1-4 after a fresh compile ran 8-16% slower than
+# the rest. With a longer warmup, its last steps are the timed ones.
+BUDGET_SETTLE_STEPS = 4
+BUDGET_TIMED_STEPS = 8
 
 
 @dataclasses.dataclass
@@ -301,7 +309,9 @@ class _Budget:
     upper: int  # `max_steps` or the epochs'
     first: float = 0.0  # step 0's seconds
     fix_at: int = 0  # steps done when the length is corrected
+    window_from: int = 0  # steps done when the timed steps start
     since: float = 0.0  # the clock after step 0, moved on by the evaluations and saves since
+    window_start: float = 0.0  # the clock when the timed steps started, moved on likewise
 
 
 def _timed_first_step(run: Run, batch) -> tuple[TrainState, dict]:
@@ -324,10 +334,11 @@ def _timed_first_step(run: Run, batch) -> tuple[TrainState, dict]:
     run.total_steps, run.warmup_steps = steps, num_warmup_steps(run.cfg.optim, steps)
     run.length_fixed = True
     head = f"time budget {budget.seconds:g} s at {seconds:.3g} s a step (step 0, timed alone)"
-    fix_at = max(BUDGET_TIMED_STEPS + 1, run.warmup_steps)
+    fix_at = max(1 + BUDGET_SETTLE_STEPS + BUDGET_TIMED_STEPS, run.warmup_steps)
     if fix_at < steps:
-        budget.fix_at, budget.since = fix_at, time.perf_counter()
-        run.logger.text(f"{head}: about {steps} steps, corrected after step {fix_at - 1} from steps 1-{fix_at - 1}")
+        budget.fix_at, budget.window_from, budget.since = fix_at, fix_at - BUDGET_TIMED_STEPS, time.perf_counter()
+        run.logger.text(f"{head}: about {steps} steps, corrected after step {fix_at - 1} from steps "
+                        f"{budget.window_from}-{fix_at - 1}")
     else:
         run.budget = None
         run.logger.text(f"{head}: {steps} steps (at most {budget.upper})")
@@ -335,32 +346,31 @@ def _timed_first_step(run: Run, batch) -> tuple[TrainState, dict]:
 
 
 def _correct_length(run: Run, metrics) -> None:
-    """The run's length from the mean time of steps 1 .. `fix_at - 1` (step 0 runs a fresh program, slower or
-    faster than the rest): the steps done, and as many more as the budget's remaining seconds buy at that rate.
+    """The run's length from the mean time of the timed steps (`window_from` .. `fix_at - 1`): the steps done,
+    and as many more as the budget's remaining seconds (after step 0 and every step since) buy at that rate.
 
     The warmup keeps the length step 0 set (its updates are applied); from the next update on the schedule runs
     over the corrected length, so it still ends at 0 on the last step.
     """
     jax.block_until_ready(metrics)
-    budget, done = run.budget, run.budget.fix_at
-    timed = done - 1
-    elapsed = _process_0s(time.perf_counter() - budget.since)
-    per_step = elapsed / timed
-    left = budget.seconds - budget.first - elapsed
+    budget, done, now = run.budget, run.budget.fix_at, time.perf_counter()
+    window, spent = _process_0s(now - budget.window_start, budget.first + now - budget.since)
+    per_step = window / BUDGET_TIMED_STEPS
+    left = budget.seconds - spent
     steps = budget.upper if per_step <= 0 else min(budget.upper, done + max(0, math.floor(left / per_step)))
     opt_state = set_schedule_length(run.state.opt_state, run.cfg.optim, steps, keep_warmup=True)
     run.state, run.total_steps, run.budget = run.state._replace(opt_state=opt_state), steps, None
-    run.logger.text(f"time budget {budget.seconds:g} s at {per_step:.3g} s a step (steps 1-{timed}): {steps} steps "
-                    f"(at most {budget.upper})")
+    run.logger.text(f"time budget {budget.seconds:g} s at {per_step:.3g} s a step (steps {budget.window_from}-"
+                    f"{done - 1}; {spent:.3g} s spent): {steps} steps (at most {budget.upper})")
 
 
-def _process_0s(seconds: float) -> float:
-    """Process 0's reading of a time, on every process (the same on one process)."""
-    if jax.process_count() == 1:
-        return seconds
-    from jax.experimental import multihost_utils
+def _process_0s(*seconds: float) -> float | tuple[float, ...]:
+    """Process 0's readings of times, on every process (the same on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    return float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
+        seconds = tuple(float(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(seconds, np.float64)))
+    return seconds[0] if len(seconds) == 1 else seconds
 
 
 def budgeted_steps(budget_seconds: float, step_seconds: float, upper: int) -> int:
