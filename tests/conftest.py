@@ -215,7 +215,12 @@ for _file, _names in {
         "test_a_budget_trains_the_steps_that_fit_at_step_0s_rate_exactly_as_a_run_of_that_length",  # 15.9 s
         "test_a_resumed_budgeted_run_keeps_its_length_and_continues_the_same_schedule",  # 10.2 s
         "test_a_budget_trains_at_least_the_timed_step_and_at_most_max_steps",  # 2 x 6-7 s
+        # sixteenth session: 27 budgeted steps with a correction after step 12
+        "test_the_length_is_corrected_once_from_steps_5_to_12_and_the_schedule_ends_with_the_run",
+        "test_a_second_correction_halfway_follows_a_machine_that_speeds_up",  # 65 budgeted steps
     },
+    # sixteenth session: SmolLM2 scores 14 paragraphs twice (float32 and bf16)
+    "test_eval_hf.py": {"test_bfloat16_scoring_runs_in_bf16_and_stays_within_a_hundredth_of_a_bit_of_float32"},
     "test_lazy_vocab.py": {"test_without_the_option_every_head_row_moves"},  # 4.3 s
     "test_serve.py": {"test_load_64_requests_from_16_clients_all_answered_as_if_alone"},  # 3.2 s
     "test_multihost.py": {"test_a_time_budget_gives_every_process_the_same_length"},  # 2 processes, 19 s

@@ -150,8 +150,9 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(tmp_path)
 
 def test_a_time_budget_gives_every_process_the_same_length(tmp_path):
     # process 0's step 0 takes 2 s and its later steps 1 s: a 30 s budget buys 15 steps, corrected after step 12 (14
-    # s spent) to 29; process 1's steps take 0.25 s, which alone would buy the bound (40) at both points, and the
-    # collectives of the longer run would wait forever: both take process 0's timings
+    # s spent) to 29 and again after step 20 (22 s spent) to 29; process 1's steps take 0.25 s, which alone would
+    # buy the bound (40) each time, and the collectives of the longer run would wait forever: both take process 0's
+    # timings
     args = job_args(tmp_path, "budget", "max_train_seconds=30", "max_steps=40", "save_steps=0")
     results = run_processes(args, n=2, devices=2, STEP_SECONDS="2:1,0.25:0.25")
     assert all(rc == 0 for rc, _ in results), "\n".join(o[-4000:] for _, o in results)

@@ -120,6 +120,21 @@ def test_the_length_is_corrected_once_from_steps_5_to_12_and_the_schedule_ends_w
     np.testing.assert_allclose([logged[k] for k in range(14, 28)], [peak * r for r in hf[13:]], rtol=1e-5)
 
 
+def test_a_second_correction_halfway_follows_a_machine_that_speeds_up(tmp_path, monkeypatch, capsys):
+    from zhjax.train import trainer
+
+    StepTimes(monkeypatch, lambda k: 2.0 if k == 0 else 1.0 if k <= 12 else 0.5)  # twice as fast from step 13
+    summary = trainer.train(_cfg(tmp_path / "run", tmp_path / "cache", "max_train_seconds=40", "max_steps=100",
+                                 "save_steps=0", "logging_steps=5"))
+
+    # step 0 buys 20; after step 12 (14 s spent, 1 s a step) 39; halfway through the 26 left, after step 25 (steps
+    # 13-25 at 0.5 s: 20.5 s spent), the 19.5 s left buy 39 more: 65 steps in 40 s
+    said = capsys.readouterr().out
+    assert "time budget 40 s at 1 s a step (steps 5-12; 14 s spent): 39 steps (at most 100)" in said
+    assert "time budget 40 s at 0.5 s a step (steps 13-25; 20.5 s spent): 65 steps (at most 100)" in said
+    assert summary["step"] == 65 and len(summary["losses"]) == 65
+
+
 def test_a_resumed_budgeted_run_keeps_its_length_and_continues_the_same_schedule(tmp_path, monkeypatch):
     from zhjax.train import trainer
 

@@ -13,9 +13,10 @@ Reads top to bottom: `train` is `set_up`, `restore`, `loop`; `save` writes a che
    save steps only, log every `logging_steps`, evaluate every `eval_steps`, `save` every `save_steps` (orbax,
    async) together with a PEFT adapter export. A run with a time budget (`max_train_seconds`) compiles its step
    first, times step 0 alone and sets its length to the steps the budget buys at that rate (at most `max_steps`),
-   then corrects it once from the mean time of steps 5-12 and the seconds left (`_correct_length`): one step's
-   time is off by 10% either way on a CPU, and the first few after a fresh compile run slower than the rest. The
-   learning-rate schedule's length lives in the optimizer state for this; the warmup keeps step 0's length.
+   then corrects it from the mean time of steps 5-12 and the seconds left, and once more halfway through the rest
+   (`_correct_length`): one step's time is off by 10% either way on a CPU, the first few after a fresh compile run
+   slower, and a shared machine drifts. The learning-rate schedule's length lives in the optimizer state for this;
+   the warmup keeps step 0's length.
 
 `output_dir` may be a URL (`gs://bucket/run`): checkpoints go there directly, process 0's files are staged
 locally and uploaded at each save (`zhjax.train.storage`).
@@ -296,7 +297,8 @@ def _steps(run: Run, start_step: int):
 
 # A time-budgeted run's length is corrected from the mean time of the BUDGET_TIMED_STEPS steps that follow the
 # BUDGET_SETTLE_STEPS after step 0 (steps 5-12): in the demo, steps 1-4 after a fresh compile ran 8-16% slower than
-# the rest. With a longer warmup, its last steps are the timed ones.
+# the rest. With a longer warmup, its last steps are the timed ones. It is corrected once more halfway through the
+# steps left then (when that is at least BUDGET_TIMED_STEPS steps), from the steps since.
 BUDGET_SETTLE_STEPS = 4
 BUDGET_TIMED_STEPS = 8
 
@@ -312,6 +314,7 @@ class _Budget:
     window_from: int = 0  # steps done when the timed steps start
     since: float = 0.0  # the clock after step 0, moved on by the evaluations and saves since
     window_start: float = 0.0  # the clock when the timed steps started, moved on likewise
+    corrected: int = 0  # corrections made
 
 
 def _timed_first_step(run: Run, batch) -> tuple[TrainState, dict]:
@@ -347,7 +350,8 @@ def _timed_first_step(run: Run, batch) -> tuple[TrainState, dict]:
 
 def _correct_length(run: Run, metrics) -> None:
     """The run's length from the mean time of the timed steps (`window_from` .. `fix_at - 1`): the steps done,
-    and as many more as the budget's remaining seconds (after step 0 and every step since) buy at that rate.
+    and as many more as the budget's remaining seconds (after step 0 and every step since) buy at that rate. After
+    the first correction a second is set halfway through the steps left, timed from here.
 
     The warmup keeps the length step 0 set (its updates are applied); from the next update on the schedule runs
     over the corrected length, so it still ends at 0 on the last step.
@@ -355,13 +359,19 @@ def _correct_length(run: Run, metrics) -> None:
     jax.block_until_ready(metrics)
     budget, done, now = run.budget, run.budget.fix_at, time.perf_counter()
     window, spent = _process_0s(now - budget.window_start, budget.first + now - budget.since)
-    per_step = window / BUDGET_TIMED_STEPS
+    per_step = window / (done - budget.window_from)
     left = budget.seconds - spent
     steps = budget.upper if per_step <= 0 else min(budget.upper, done + max(0, math.floor(left / per_step)))
     opt_state = set_schedule_length(run.state.opt_state, run.cfg.optim, steps, keep_warmup=True)
-    run.state, run.total_steps, run.budget = run.state._replace(opt_state=opt_state), steps, None
+    run.state, run.total_steps = run.state._replace(opt_state=opt_state), steps
     run.logger.text(f"time budget {budget.seconds:g} s at {per_step:.3g} s a step (steps {budget.window_from}-"
                     f"{done - 1}; {spent:.3g} s spent): {steps} steps (at most {budget.upper})")
+    budget.corrected += 1
+    half = (steps - done) // 2
+    if budget.corrected == 1 and half >= BUDGET_TIMED_STEPS:
+        budget.window_from, budget.fix_at, budget.window_start = done, done + half, time.perf_counter()
+    else:
+        run.budget = None
 
 
 def _process_0s(*seconds: float) -> float | tuple[float, ...]:
