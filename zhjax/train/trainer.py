@@ -140,7 +140,8 @@ class Run:
     train_step: TrainStep
     eval_step: Callable
     ckpt: RunCheckpointer
-    total_steps: int  # with a time budget: an upper bound until step 0 has been timed (`length_fixed`)
+    total_steps: int  # with a time budget: an upper bound until step 0 has been timed (`length_fixed`), then
+    # step 0's estimate until the corrections (`budget`) are made
     length_fixed: bool = True
     budget: _Budget | None = None  # a time budget whose length is still to be corrected
     warmup_steps: int | None = None  # None: HF's for `total_steps` (a time budget may keep an earlier length's)
@@ -305,7 +306,7 @@ BUDGET_TIMED_STEPS = 8
 
 @dataclasses.dataclass
 class _Budget:
-    """A time-budgeted run's clock: the length step 0 buys, corrected once after the steps that follow it."""
+    """A time-budgeted run's clock: the length step 0 buys, corrected (twice at most) from the steps after it."""
 
     seconds: float  # `max_train_seconds`
     upper: int  # `max_steps` or the epochs'
@@ -322,9 +323,9 @@ def _timed_first_step(run: Run, batch) -> tuple[TrainState, dict]:
 
     `max_train_seconds / (step 0's seconds)` steps, at least 1 and at most the upper bound `run.total_steps`
     (`max_steps` or the epochs'); the schedule's length in the optimizer state is set to it before step 1. (Step
-    0's learning rate is the same for any length: 0 in warmup, the peak without.) When steps follow the warmup
-    and the next `BUDGET_TIMED_STEPS`, the length is corrected after them (`_correct_length`). Every process takes
-    process 0's timing, so all agree on the length.
+    0's learning rate is the same for any length: 0 in warmup, the peak without.) When that length goes past step
+    12 (or past the warmup, when longer), it is corrected after it (`_correct_length`). Every process takes process
+    0's timings, so all agree on the length.
     """
     run.train_step.lower(run.state, run.frozen, batch).compile()  # jit reuses it: the timed call only runs
     start = time.perf_counter()
