@@ -408,13 +408,25 @@ def chat_answer(base: str, messages: list[dict], max_tokens: int) -> str:
     return reply["choices"][0]["message"]["content"]
 
 
-def test_chat_page_in_a_headless_browser_streams_keeps_history_and_resets(live, tmp_path):
+def test_chat_page_in_a_headless_browser_streams_keeps_history_and_resets(live, tmp_path, monkeypatch):
     """Debian's chromium driven by playwright: type, see the answer stream in, ask again (the history goes with
     it), reset. A screenshot is saved (its path is printed)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra has it)")
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         pytest.skip("no system chromium: `apt-get install -y chromium` to run the browser test of the chat page")
+    # The tiny model decodes its 4-token pieces in milliseconds, so all of them could reach the page in one read
+    # (as they once did: 2 updates); 50 ms between pieces, as a real model's pace, lets the page show each one.
+    from zhjax.infer import batcher as batching
+
+    decode = batching._decode
+
+    def paced(*args, **kwargs):
+        out = decode(*args, **kwargs)
+        time.sleep(0.05)
+        return out
+
+    monkeypatch.setattr(batching, "_decode", paced)
     base = live[0]
     sent: list[dict] = []
     with sync_api.sync_playwright() as p:
