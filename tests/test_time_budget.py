@@ -1,6 +1,7 @@
 """`max_train_seconds`: a run trains as many steps as fit in its budget at the rate of its first step (timed alone,
 after compiling), and those steps are exactly what a run of that many steps trains; when more steps follow, the
-length is corrected once from the next steps' mean time; a resumed run keeps its length."""
+length is corrected from the mean time of steps 5-12 and once more halfway through the rest; a resumed run keeps
+its length."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.extras import needs_torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +90,7 @@ def test_a_budget_trains_the_steps_that_fit_at_step_0s_rate_exactly_as_a_run_of_
     assert saved == [2, 4, 5]  # the last step is saved as in any run
 
 
+@needs_torch
 def test_the_length_is_corrected_once_from_steps_5_to_12_and_the_schedule_ends_with_the_run(tmp_path, monkeypatch,
                                                                                              capsys):
     from zhjax.train import trainer
