@@ -83,15 +83,14 @@ def hf_args(cfg: OptimConfig) -> transformers.TrainingArguments:
     )
 
 
-def hf_lrs(cfg: OptimConfig, num_training_steps: int) -> list[float]:
-    """The lr HF uses at each optimizer update: read before `optimizer.step()`, then `lr_scheduler.step()`."""
-    args = hf_args(cfg)
+def hf_lrs(cfg: OptimConfig, num_training_steps: int, num_warmup_steps: int | None = None) -> list[float]:
+    """The lr HF uses at each optimizer update: read before `optimizer.step()`, then `lr_scheduler.step()`; the
+    warmup HF's TrainingArguments give `cfg`, or `num_warmup_steps`."""
+    if num_warmup_steps is None:
+        num_warmup_steps = hf_args(cfg).get_warmup_steps(num_training_steps)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
     sched = transformers.get_scheduler(
-        cfg.lr_scheduler_type,
-        opt,
-        num_warmup_steps=args.get_warmup_steps(num_training_steps),
-        num_training_steps=num_training_steps,
+        cfg.lr_scheduler_type, opt, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps
     )
     lrs = []
     for _ in range(num_training_steps):
@@ -413,13 +412,7 @@ def test_a_length_corrected_after_the_warmup_keeps_the_warmup_and_ends_on_hfs_sc
             state = set_schedule_length(state, cfg, 80)
         if k == 4:
             state = set_schedule_length(state, cfg, 25, keep_warmup=True)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
-    sched = transformers.get_scheduler(kind, opt, num_warmup_steps=4, num_training_steps=25)  # 4 = 80 x 0.05
-    hf = []
-    for _ in range(25):
-        hf.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    hf = hf_lrs(cfg, 25, num_warmup_steps=4)  # 4 = 80 x 0.05
     np.testing.assert_allclose(rates[5:], hf[5:], rtol=1e-6, atol=0)  # from the correction on, and ...
     np.testing.assert_allclose(rates[:4], hf[:4], rtol=1e-6, atol=0)  # ... the warmup kept its 4 steps
     assert rates[-1] < 0.05 * cfg.learning_rate  # the schedule ends with the run, not 15 steps later

@@ -108,20 +108,12 @@ def test_the_length_is_corrected_once_from_steps_5_to_12_and_the_schedule_ends_w
            "steps 5-12" in said
     assert "time budget 30 s at 1 s a step (steps 5-12; 16 s spent): 27 steps (at most 40)" in said
     # the logged learning rates after the correction: HF's cosine over 27 steps, with the 15 steps' warmup (1)
-    import torch
-    import transformers
+    from tests.test_optim import hf_lrs
 
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = transformers.get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=27)
-    hf = []
-    for _ in range(27):
-        hf.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    hf = hf_lrs(_cfg(out, tmp_path / "cache").optim, 27, num_warmup_steps=1)
     logged = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if "lr" in r}
-    peak = _cfg(out, tmp_path / "cache").optim.learning_rate
-    np.testing.assert_allclose([logged[k] for k in range(14, 28)], [peak * r for r in hf[13:]], rtol=1e-5)
+    np.testing.assert_allclose([logged[k] for k in range(14, 28)], hf[13:], rtol=1e-5)
 
 
 def test_a_second_correction_halfway_follows_a_machine_that_speeds_up(tmp_path, monkeypatch, capsys):
