@@ -1,6 +1,7 @@
 """Where the extended model's held-out bits per character go, against the run without extension, span by span.
 
     .venv/bin/python bench/heldout_spans.py outputs/smollm2-zh-medium [--lines 60] [--count-lines 3000]
+        [--group use|length] [--without OTHER_WORK_DIR/merged-pretrain-no-extension]
 
 Reads a finished recipe's `work_dir` (with `compare: [no_extension]`): `merged-pretrain` (the extended model and
 tokenizer), `merged-pretrain-no-extension`, and the base model (`--base`, the recipe's `base_model`). Each of
@@ -10,7 +11,9 @@ three, every token from BOS, one paragraph at a time, and each token's loss is c
 ends in (a byte-level token that ends inside a character is charged to that character too). A character belongs to
 the span of the extended tokenizer's token that covers it: a new token (grouped by how often the first
 `--count-lines` training paragraphs use it) or an old one (a character no new token covers: punctuation, digits,
-rare characters). The table gives, per group, its share of the characters, the three models' bits per character on
+rare characters). With `--group length` a character's group is instead the length of that token in characters (a
+token that is part of a character, U+FFFD when decoded alone, is its own group). `--without` takes the run without
+extension from another directory (a run of the same split made with `compare: []`). The table gives, per group, its share of the characters, the three models' bits per character on
 those characters, and the group's part of the overall gap between the extended run and the run without extension.
 """
 
@@ -50,6 +53,12 @@ def per_character(offsets, nll: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
+def length_group(text: str, new: bool) -> str:
+    """`new token, 2 characters`, `old token, part of a character`, ... (4 and more characters are one group)."""
+    size = "part of a character" if "\ufffd" in text else f"{min(len(text), 4)}{'+' if len(text) >= 4 else ''} character"
+    return f"{'new' if new else 'old'} token, {size}{'s' if size[0] in '234' else ''}"
+
+
 def bucket(count: int) -> str:
     return "0" if count == 0 else "1-9" if count < 10 else "10-99" if count < 100 else "100+"
 
@@ -60,11 +69,15 @@ def main() -> None:
     ap.add_argument("--base", default="assets/smollm2-135m", help="the recipe's base_model")
     ap.add_argument("--lines", type=int, default=60)
     ap.add_argument("--count-lines", type=int, default=3000)
+    ap.add_argument("--group", choices=("use", "length"), default="use",
+                    help="group new tokens by how often training uses them, or every token by its length")
+    ap.add_argument("--without", type=Path, help="the run without extension (default: WORK_DIR/merged-pretrain-no-extension)")
     args = ap.parse_args()
     work = args.work_dir
     text = lambda name: [x for x in (work / "data" / "text" / name).read_text(encoding="utf-8").splitlines() if x]
     lines = heldout_paragraphs(work / "data" / "text" / "test.txt", args.lines, 512)
-    models = {"extended": work / "merged-pretrain", "without extension": work / "merged-pretrain-no-extension",
+    models = {"extended": work / "merged-pretrain",
+              "without extension": args.without or work / "merged-pretrain-no-extension",
               "base": Path(args.base)}
     scored = {}
     for name, path in models.items():
@@ -85,7 +98,10 @@ def main() -> None:
         charged = [per_character(offsets, nll, length) for _, offsets, nll in runs]
         group = [None] * length
         for token, (begin, end) in zip(*scored["extended"][i][:2], strict=True):
-            name = f"new token, used {bucket(counts[token])} times" if token >= old_vocab else "old token"
+            if args.group == "length":
+                name = length_group(ext_tokenizer.decode([token]), token >= old_vocab)
+            else:
+                name = f"new token, used {bucket(counts[token])} times" if token >= old_vocab else "old token"
             for c in range(begin, min(end, length)):
                 group[c] = name
         for c in range(length):
