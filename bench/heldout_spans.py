@@ -13,8 +13,8 @@ the span of the extended tokenizer's token that covers it: a new token (grouped 
 `--count-lines` training paragraphs use it) or an old one (a character no new token covers: punctuation, digits,
 rare characters). With `--group length` a character's group is instead the length of that token in characters (a
 token that is part of a character, U+FFFD when decoded alone, is its own group). `--without` takes the run without
-extension from another directory (a run of the same split made with `compare: []`). The table gives, per group, its share of the characters, the three models' bits per character on
-those characters, and the group's part of the overall gap between the extended run and the run without extension.
+extension from another work dir of the same split (for a WORK_DIR that ran with `compare: []`). The table gives,
+per group, its share of the characters, the three models' bits per character on those characters, and the group's part of the overall gap between the extended run and the run without extension.
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ def per_character(offsets, nll: np.ndarray, length: int) -> np.ndarray:
 
 def length_group(text: str, new: bool) -> str:
     """`new token, 2 characters`, `old token, part of a character`, ... (4 and more characters are one group)."""
-    size = "part of a character" if "\ufffd" in text else f"{min(len(text), 4)}{'+' if len(text) >= 4 else ''} character"
-    return f"{'new' if new else 'old'} token, {size}{'s' if size[0] in '234' else ''}"
+    kind = "new token" if new else "old token"
+    if "\ufffd" in text:
+        return f"{kind}, part of a character"
+    size = len(text)
+    return f"{kind}, {'4+ characters' if size >= 4 else '1 character' if size == 1 else f'{size} characters'}"
 
 
 def bucket(count: int) -> str:
@@ -88,7 +91,7 @@ def main() -> None:
         elif name == "base":
             old_vocab = len(tokenizer)
     counts = collections.Counter()
-    for line in text("train.txt")[: args.count_lines]:
+    for line in text("train.txt")[: args.count_lines] if args.group == "use" else []:
         counts.update(i for i in ext_tokenizer(line, add_special_tokens=False)["input_ids"] if i >= old_vocab)
 
     sums = collections.defaultdict(lambda: np.zeros(1 + len(models)))

@@ -3,10 +3,10 @@
     .venv/bin/python bench/train.py [--vocab 55152] [--untied] [--batch 4] [--seq 256] [--rounds 6] [--force]
                                     [--only ROW ...] [--baseline REV]
 
-The model is SmolLM2-135M grown to 55152 rows (`--vocab`; the demo's until it took 30000 new tokens: 79152;
-new rows random, which does not change
-the cost), tied as SmolLM2 is or with an untied head (`--untied`), written once as an HF checkpoint under
-`outputs/bench-train/` that both systems load. Each system runs in its own worker process (so each one's peak
+The model is SmolLM2-135M grown to 55152 rows (`--vocab`: the demo's shape with 6000 new tokens, which the README's
+tables measured; the demo has 79152 since it extends by 30000; new rows random, which does not change the cost),
+tied as SmolLM2 is or with an untied head (`--untied`), written once as an HF checkpoint under `outputs/bench-train/`
+that both systems load. Each system runs in its own worker process (so each one's peak
 RSS is its own); the parent makes them take turns, one optimizer step at a time (A B C A B C ...), because
 these machines' speed drifts 2-5x within minutes and only per-pair ratios from one run mean anything. The load
 average is printed first and a run refuses to start above 1.0 (other jobs skew the ratios) unless `--force`.
@@ -185,7 +185,7 @@ DEFAULT_ROWS = ["zhjax fp32", "zhjax bf16", "zhjax bf16, remat none", "transform
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="assets/smollm2-135m")
-    parser.add_argument("--vocab", type=int, default=55152, help="rows of the embedding/head (55152: the demo's with 6000 new tokens, the shape of the README's tables; the demo has 79152 since it extends by 30000)")
+    parser.add_argument("--vocab", type=int, default=55152, help="rows of the embedding/head (55152: the 6000-token demo's; the demo now has 79152)")
     parser.add_argument("--untied", action="store_true", help="a separate trainable lm_head")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
