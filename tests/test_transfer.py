@@ -229,7 +229,9 @@ def test_the_bf16_output_fit_lands_where_the_fp32_fit_does(setup, tmp_path):
             for dt in ("float32", "bfloat16")}
     f32, b16 = (fits[dt].transfer for dt in ("float32", "bfloat16"))
     assert not np.array_equal(b16.head_rows, f32.head_rows)  # the products did run in bf16
-    np.testing.assert_allclose(b16.head_rows, f32.head_rows, atol=2e-2)
+    # 40 shared steps then up to 30 per-row steps at a learning rate of 3e-2 carry the bf16 rounding: 3 of the 1920
+    # numbers measured up to 0.04 apart (2e-2 held before the shared fit); the model each writes is checked below
+    np.testing.assert_allclose(b16.head_rows, f32.head_rows, atol=6e-2)
     np.testing.assert_allclose(b16.output_nll, f32.output_nll, rtol=1e-2)
     base_tok, new_tok = AutoTokenizer.from_pretrained(base_tok_dir), AutoTokenizer.from_pretrained(ext)
     scores = {dt: _aligned_scores(base, tmp_path / dt, base_tok, new_tok, CHINESE) for dt in fits}
@@ -239,3 +241,33 @@ def test_the_bf16_output_fit_lands_where_the_fp32_fit_does(setup, tmp_path):
 def test_an_unknown_output_dtype_is_refused():
     with pytest.raises(ValueError, match=r"transfer.output_dtype='fp8': expected one of \('float32', 'bfloat16'\)"):
         TransferConfig(output_dtype="fp8")
+
+
+def test_the_shared_fit_lowers_the_grown_models_loss_and_moves_rows_by_kind(setup, tmp_path):
+    """`shared_steps` (on by default) fits a scale and two vectors per kind of row before the per-row fit: the grown
+    model (loaded by `transformers`) predicts the sample's extended tokens better than without it, and with no
+    per-row steps after it every new row of one kind has moved by the same two vectors (its start row scaled)."""
+    tmp, sample, base_tok_dir, ext = setup
+    base = make_hf_model(tmp_path / "base", True)
+    cfg = dataclasses.replace(TINY, input_steps=0, output_steps=0, shared_learning_rate=3e-2)
+    fits = {n: resize_hf_checkpoint(base, ext, tmp_path / str(n), "distill", seed=0, sample_files=[sample],
+                                    transfer=dataclasses.replace(cfg, shared_steps=n)) for n in (0, 40)}
+    base_tok, new_tok = AutoTokenizer.from_pretrained(base_tok_dir), AutoTokenizer.from_pretrained(ext)
+    lines = sorted(set(CHINESE))
+    nll = {n: _aligned_scores(base, tmp_path / str(n), base_tok, new_tok, lines)[2] for n in fits}
+    assert nll[40] < nll[0] - 0.05, nll
+    start, moved = fits[0].transfer.head_rows, fits[40].transfer.head_rows
+    assert not np.allclose(start, moved)
+    one_char = [i for i in range(60) if len(new_tok.decode([OLD_VOCAB + i])) == 1 and "\ufffd" not in
+                new_tok.decode([OLD_VOCAB + i])]
+    assert len(one_char) >= 6
+    # moved - start = a * start + u + use * v, `use` the standardized log1p of the row's count in the sample: per
+    # dimension an affine map of (start, 1, log1p(count)) that three coefficients fit exactly over all these rows
+    counts = np.array([sum(new_tok.encode(line, add_special_tokens=False).count(OLD_VOCAB + i)
+                           for line in sample.read_text(encoding="utf-8").splitlines()) for i in one_char])
+    delta = moved[one_char] - start[one_char]
+    design = np.stack([start[one_char], np.ones_like(start[one_char]),
+                       np.broadcast_to(np.log1p(counts)[:, None], start[one_char].shape)], axis=-1)
+    for d in range(0, start.shape[1], 7):
+        coef, *_ = np.linalg.lstsq(design[:, d], delta[:, d], rcond=None)
+        np.testing.assert_allclose(design[:, d] @ coef, delta[:, d], atol=1e-5, err_msg=f"dimension {d}")
