@@ -243,6 +243,14 @@ def test_an_unknown_output_dtype_is_refused():
         TransferConfig(output_dtype="fp8")
 
 
+@pytest.mark.parametrize("field, value, expected", [("shared_steps", -1, ">= 0"), ("output_patience", -2, ">= 0"),
+                                                     ("shared_positions", 0, "positive"),
+                                                     ("shared_learning_rate", 0.0, "positive")])
+def test_bad_fit_sizes_are_refused_naming_the_field(field, value, expected):
+    with pytest.raises(ValueError, match=rf"transfer.{field}={value}: expected a .*{expected}"):
+        TransferConfig(**{field: value})
+
+
 def test_the_shared_fit_lowers_the_grown_models_loss_and_moves_rows_by_kind(setup, tmp_path):
     """`shared_steps` (on by default) fits a scale and two vectors per kind of row before the per-row fit: the grown
     model (loaded by `transformers`) predicts the sample's extended tokens better than without it, and with no
@@ -256,6 +264,8 @@ def test_the_shared_fit_lowers_the_grown_models_loss_and_moves_rows_by_kind(setu
     lines = sorted(set(CHINESE))
     nll = {n: _aligned_scores(base, tmp_path / str(n), base_tok, new_tok, lines)[2] for n in fits}
     assert nll[40] < nll[0] - 0.05, nll
+    before, after = fits[40].transfer.shared_nll
+    assert after < before and np.isnan(fits[0].transfer.shared_nll).all()
     start, moved = fits[0].transfer.head_rows, fits[40].transfer.head_rows
     assert not np.allclose(start, moved)
     one_char = [i for i in range(60) if len(new_tok.decode([OLD_VOCAB + i])) == 1 and "\ufffd" not in

@@ -79,7 +79,7 @@ class TransferConfig:
     input_steps: int = 0  # distillation steps of the input rows (0: the start rows as they are)
     input_learning_rate: float = 1e-2
     output_steps: int = 15  # fit steps of the output rows; the best on the held-out windows is kept
-    output_patience: int = 3  # stop after this many steps without a lower held-out loss (0: run every step)
+    output_patience: int = 3  # stop after this many steps in a row without a lower held-out loss (0: never)
     output_learning_rate: float = 1e-3
     output_l2: float = 1e-3
     output_target: str = "data"  # "data": the sample's next token; "base": the base's log-probability of its pieces
@@ -100,9 +100,13 @@ class TransferConfig:
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"transfer.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        for name in ("sample_characters", "chunk_tokens", "batch_size", "position_chunk"):
-            if getattr(self, name) <= 0:
+        for name in ("sample_characters", "chunk_tokens", "batch_size", "position_chunk", "shared_positions",
+                     "shared_learning_rate"):
+            if not getattr(self, name) > 0:
                 raise ValueError(f"transfer.{name}={getattr(self, name)}: expected a positive number")
+        for name in ("input_steps", "output_steps", "output_patience", "shared_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"transfer.{name}={getattr(self, name)}: expected a number >= 0")
 
 
 @dataclass
@@ -119,6 +123,8 @@ class TransferResult:
     # `output_rows="seen"`: the old head rows refitted (their ids and new values); empty otherwise
     head_old_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     head_old_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32), repr=False)
+    # the shared fit's loss on its held-out positions (nats per token), before/after (nan: `shared_steps=0`)
+    shared_nll: tuple[float, float] = (float("nan"), float("nan"))
 
 
 @dataclass
@@ -406,14 +412,15 @@ def transfer_rows(
         best, best_rows, since_best = (held, hrows, 0) if held < best else (best, best_rows, since_best + 1)
         bar.update()
         bar.set_postfix(nll=f"{float(nll):.3f}", held_out=f"{held:.3f}")
-        if since_best == config.output_patience:  # overfitting: the held-out loss rose this many steps in a row
+        if since_best == config.output_patience:  # overfitting: no lower held-out loss for that many steps
             break
     bar.close()
     hrows = best_rows
     nll_after = float(output_loss(hrows)[1][1])
     hrows = np.asarray(hrows)
     return TransferResult(embed_rows, hrows[len(seen_old):], n, int(keep.sum()), (kl_before, kl_after),
-                          (nll_before, nll_after), time.perf_counter() - t0, seen_old, hrows[:len(seen_old)])
+                          (nll_before, nll_after), time.perf_counter() - t0, seen_old, hrows[:len(seen_old)],
+                          shared_nll)
 
 
 def _row_kinds(new_tok: Any, lines: Sequence[str], seen_old: np.ndarray, old_vocab: int, n_new: int
