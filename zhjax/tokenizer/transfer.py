@@ -45,6 +45,9 @@ What the init did not change: after 10 steps of the demo's pre-training (learnin
 measured (new rows alone, the seen old rows refitted too, input rows distilled) reached the same held-out loss
 within 0.02 bits per character; the 40 k sample's start (0.46 bits per character lower than 10 k's) is 0.015
 lower after the demo's 30 steps. The init decides where training starts, not yet where this short run ends.
+That was with the embedding and head trained at LoRA's 1e-3, which undoes the fitted rows: with them at 1e-4
+(`optim.embedding_learning_rate`, the demo's since the eighteenth session) the shared fit's start, 0.35 bits per
+character lower at step 0, is still 0.16 lower after 230 s of the demo's pre-training (README "The demo, measured").
 
 `zhjax.convert.resize_model.resize_hf_checkpoint(..., init="distill", sample_files=...)` writes the rows
 into an untied HF checkpoint; the recipe's resize stage and `tools/resize_model.py` call it.
