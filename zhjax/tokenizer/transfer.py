@@ -417,6 +417,7 @@ def transfer_rows(
         bar.set_postfix(nll=f"{float(nll):.3f}", held_out=f"{held:.3f}")
         if since_best == config.output_patience:  # overfitting: no lower held-out loss for that many steps
             break
+    bar.total = bar.n  # an early stop ends the bar at 100%, not at the steps it skipped
     bar.close()
     hrows = best_rows
     nll_after = float(output_loss(hrows)[1][1])
