@@ -81,8 +81,8 @@ class OptimConfig:
     lr_scheduler_type: str = "cosine"
     gradient_accumulation_steps: int = 1
     # peak learning rate of the fully trained `embed_tokens`/`lm_head` (None: `learning_rate`), as a second torch
-    # parameter group would have it (the same schedule shape). On the demo neither 5e-3 nor 2e-4 beat the shared
-    # 1e-3 (README: "The demo, measured"), so it is off by default.
+    # parameter group would have it (the same schedule shape). The demo trains them at a tenth of LoRA's 1e-3, so
+    # that the rows fitted at the resize (`zhjax.tokenizer.transfer`) keep their start (README: "The demo, measured").
     embedding_learning_rate: float | None = None
     # move a row of `embed_tokens`/`lm_head` only in the steps whose batch reads (embedding) or predicts (head) its
     # token, as torch's SparseAdam does for sparse embeddings (`zhjax.train.step.lazy_vocab_rows`)
