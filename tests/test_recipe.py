@@ -86,6 +86,21 @@ def test_recipe_runs_every_stage_on_a_tiny_model_and_reuses_cached_stages(tmp_pa
         assert f"[{stage}] cached" in out
 
 
+def test_the_sft_without_extension_trains_the_steps_the_main_sft_trained_not_its_clock(tmp_path):
+    """A main SFT on the clock (`sft.max_train_seconds`) trains as many steps as the machine allows; the SFT of the
+    run without extension trains those steps (the same compute), not a clock of its own."""
+    from zhjax.recipe import load_recipe_config
+    from zhjax.recipe.run import _no_extension_sft_job
+
+    work = tmp_path / "work"
+    (work / "sft").mkdir(parents=True)
+    (work / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 18, "loss": 2.5}) + "\n")
+    cfg = load_recipe_config(None, ["sft.max_train_seconds=90", "sft.max_steps=30", "base_model=assets/smollm2-135m"])
+    job = _no_extension_sft_job(cfg, cfg.sft, work)
+    assert (job.max_steps, job.max_train_seconds, job.tokenizer) == (18, 0.0, "assets/smollm2-135m")
+    assert job.init_from == str(work / "merged-pretrain-no-extension")
+
+
 def test_the_shipped_recipe_configs_load_and_write_to_their_own_work_dirs():
     """Every YAML in configs/recipes passes the config checks, and no two share a work_dir (a medium run must not
     invalidate the demo's cached stages, nor the other way round)."""

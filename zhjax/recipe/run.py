@@ -349,13 +349,21 @@ def _compare_sft(cfg: RecipeConfig, sft, stages: Stages, work: Path) -> Path:
 
     pt_merged = work / "merged-pretrain-no-extension"
     out, merged = work / "sft-no-extension", work / "merged-final-no-extension"
-    job = dataclasses.replace(sft, init_from=str(pt_merged), tokenizer=str(cfg.base_model), adapters_from=None,
-                              output_dir=str(out), max_steps=_trained_steps(work / "sft"))
+    job = _no_extension_sft_job(cfg, sft, work)
     stages.run("sft-no_extension", {"job": jsonable(job), "pt": stages.done.get("export-no_extension")},
                lambda: train(_fresh(job, stages), "sft"))
     stages.run("export-sft-no_extension", {"sft": stages.done.get("sft-no_extension")},
                lambda: _merge(pt_merged, [out / "adapter"], merged))
     return merged
+
+
+def _no_extension_sft_job(cfg: RecipeConfig, sft, work: Path):
+    """The main SFT job `sft` on the merged run without extension, for the steps the main SFT trained (a main SFT on
+    the clock gives its steps, not its seconds)."""
+    return dataclasses.replace(sft, init_from=str(work / "merged-pretrain-no-extension"),
+                               tokenizer=str(cfg.base_model), adapters_from=None,
+                               output_dir=str(work / "sft-no-extension"), max_steps=_trained_steps(work / "sft"),
+                               max_train_seconds=0.0)
 
 
 def _tokens_per_char(tokenizer_dir: Path, data: Path, lines: int = 2000) -> float:
