@@ -174,3 +174,23 @@ def test_a_remote_run_rewinds_its_uploaded_tensorboard_events_too(tmp_path, monk
     assert tensorboard_scalars(tmp_path / "copy" / "tensorboard") == {"loss": list(range(1, 13))}
     assert [r["step"] for r in records(tmp_path / "copy")] == list(range(1, 13))
     fs.rm(root, recursive=True)
+
+
+def test_every_logged_step_is_in_the_event_files_when_the_process_is_killed_right_after(tmp_path):
+    """SIGKILL right after `log` returns: the event files hold every step `metrics.jsonl` holds (CI saw step 8 of a
+    killed run lost from TensorBoard, tensorboardX's queue unwritten, so the resumed run's curve lacked it)."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        from zhjax.train.metrics import MetricsLogger
+
+        logger = MetricsLogger(sys.argv[1])
+        for step in range(1, 9):
+            logger.log({"step": step, "loss": 1.0 / step})
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    killed = run([sys.executable, "-c", script, str(tmp_path)], check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, 9))
+    assert tensorboard_scalars(tmp_path / "tensorboard") == {"loss": list(range(1, 9))}

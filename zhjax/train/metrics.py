@@ -77,13 +77,16 @@ class MetricsLogger:
             return
         self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
         try:
-            from tensorboardX import SummaryWriter
-
-            # a unique name: the default (seconds and host) would let a run resumed within the same second
-            # open, and truncate, the file of the run it continues
-            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), filename_suffix=f".{time.time_ns()}")
+            from tensorboardX.event_file_writer import EventsWriter
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self.tb = None
+        else:
+            # Written in `log`, not through SummaryWriter's queue and thread: a run killed right after logging a
+            # step would lose the queued events, and the resume (which keeps the steps up to its checkpoint) could
+            # not bring them back. A unique name: the default (seconds and host) would let a run resumed within the
+            # same second open, and truncate, the file of the run it continues.
+            (Path(output_dir) / "tensorboard").mkdir(parents=True, exist_ok=True)
+            self.tb = EventsWriter(str(Path(output_dir) / "tensorboard" / "events"), f".{time.time_ns()}")
 
     def progress(self, iterable, *, initial: int, total: int):
         """Iterate with a progress bar on process 0."""
@@ -110,9 +113,14 @@ class MetricsLogger:
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         self.text(shown)
         if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.summary import scalar
+
+            values = [scalar(k, v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))]
+            for summary in values:
+                self.tb.write_event(Event(wall_time=time.time(), step=record["step"], summary=summary))
+            if values:
+                self.tb.flush()  # as durable as the metrics.jsonl line above
 
     def flush(self) -> None:
         """Push buffered records to the files (before they are uploaded from a staging directory)."""
