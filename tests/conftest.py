@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import jax  # noqa: F401  (imported before the cache settings below: this process never reads them)
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Many tests train or plan in a fresh `python` process (the CLI as a user runs it, a killed run, two hosts), and
+# each of those compiled the same small programs again: 6 of a tiny run's 17 s. The child processes share one
+# persistent XLA compilation cache for the session (jax reads these variables when it is imported; every test's
+# child environment starts from os.environ). The tests' own process was imported above and keeps compiling for
+# real, so the tests that read compiled HLO or count compilations see no cache. Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="zhjax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 # `ZHJAX_TEST_WITHOUT=torch,peft pytest ...` runs the tests as on a machine without those packages: importing
 # them fails and `importlib.util.find_spec` answers None, so their tests skip and zhjax's refusals show.
@@ -134,7 +149,6 @@ SLOW = {
     },
     "test_trainer.py": {  # whole training runs (each minutes); the config refusal stays in the fast tier
         "test_cli_trains_tiny_preset_and_writes_a_peft_adapter",
-        "test_resume_after_a_kill_continues_bitwise_and_a_crash_mid_save_keeps_the_last_checkpoint",
         "test_fsdp_data_and_tensor_meshes_give_single_device_losses_with_real_sharding",
         "test_splash_attention_under_a_sharded_mesh_gives_the_xla_losses",
         "test_resume_on_a_different_mesh_continues_the_same_run",
