@@ -32,12 +32,21 @@ demo: assets
 # The tests also compile for TPU slices on this CPU host (zhjax plan), which needs libtpu: the `tpu` extra; and they
 # run the exported GGUF files in llama.cpp (tests/test_gguf_llamacpp.py), which needs the `llamacpp` extra:
 # llama-cpp-python built from its source distribution for this CPU (cmake + the system compiler, about 6 minutes on
-# 2 cores; pip caches the wheel).
+# 2 cores; pip caches the wheel). Without ggml's AMX kernels: on CPUs with AMX (Intel Sapphire Rapids and later)
+# `-march=native` compiles them in, and in llama.cpp 0.3.36's build their matrix product segfaults on these models'
+# quantized files (ggml_backend_amx_mul_mat; llama.cpp issue 20824); the AVX-512 kernels run instead. A wheel pip
+# cached from a build with them (this Makefile before 2026-12-04) is rebuilt once, without the cache.
 TPU_STAMP := $(VENV)/.tpu-$(shell cat pyproject.toml | md5sum | cut -c1-8)
-LLAMA_CPP_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF \
+	-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+LLAMA_CPP_HAS_AMX := $(PY) -c "import llama_cpp, sys; sys.exit('AMX_INT8 = 1' not in llama_cpp.llama_print_system_info().decode())"
 
 $(TPU_STAMP): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(VENV)/bin/pip install -q -e '.[torch,dev,lm-eval,tpu,llamacpp]'
+	CMAKE_ARGS='$(LLAMA_CPP_CMAKE_ARGS)' $(VENV)/bin/pip install -q -e '.[torch,dev,lm-eval,tpu,llamacpp]'
+	if $(LLAMA_CPP_HAS_AMX); then CMAKE_ARGS='$(LLAMA_CPP_CMAKE_ARGS)' $(VENV)/bin/pip install -q --no-cache-dir \
+		--force-reinstall --no-deps "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"; fi
+	if $(LLAMA_CPP_HAS_AMX); then echo "make: llama-cpp-python still holds ggml's AMX kernels" >&2; exit 1; fi
 	rm -f $(VENV)/.tpu-*
 	touch $(TPU_STAMP)
 

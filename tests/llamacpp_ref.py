@@ -82,11 +82,27 @@ def convert_hf_to_gguf(model_dir: Path, out_file: Path, outtype: str = "f32", *,
     return out_file
 
 
-def load(path: Path, n_ctx: int = 512):
-    """The GGUF file in llama.cpp (CPU, quiet). `logits_all`: llama-cpp-python keeps logits (`Llama.scores`) only
-    with it; without, sampling happens inside llama.cpp and no logits come back."""
+AMX_BUILD = (
+    "llama-cpp-python was built with ggml's AMX kernels, whose matrix product segfaults on these files on CPUs with "
+    "AMX (llama.cpp issue 20824; it killed the whole test run): `make test` rebuilds it without them (Makefile, "
+    "LLAMA_CPP_CMAKE_ARGS)"
+)
+
+
+def built_with_amx() -> bool:
+    """Whether this llama.cpp build runs ggml's AMX kernels (its system info lists what it was compiled to use)."""
     import llama_cpp
 
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
+
+
+def load(path: Path, n_ctx: int = 512):
+    """The GGUF file in llama.cpp (CPU, quiet). `logits_all`: llama-cpp-python keeps logits (`Llama.scores`) only
+    with it; without, sampling happens inside llama.cpp and no logits come back. A build with ggml's AMX kernels
+    fails the test here, before it can take the test process down."""
+    import llama_cpp
+
+    assert not built_with_amx(), AMX_BUILD
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count(), logits_all=True,
                            verbose=False)
 
