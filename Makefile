@@ -37,7 +37,8 @@ demo: assets
 # quantized files (ggml_backend_amx_mul_mat; llama.cpp issue 20824); the AVX-512 kernels run instead. A wheel pip
 # cached from a build with them (this Makefile before 2026-12-04) is rebuilt once, without the cache.
 TPU_STAMP := $(VENV)/.tpu-$(shell cat pyproject.toml | md5sum | cut -c1-8)
-NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+# (x86 only: the flags are x86 options, which compilers for ARM refuse)
+NO_AMX := $(if $(filter x86_64 amd64 i686,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF \
 	-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 LLAMA_CPP_HAS_AMX := $(PY) -c "import llama_cpp, sys; sys.exit('AMX_INT8 = 1' not in llama_cpp.llama_print_system_info().decode())"
