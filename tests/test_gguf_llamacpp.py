@@ -250,8 +250,8 @@ def test_file_agrees_with_llama_cpps_converter_key_by_key(name, dtype, hf_dirs, 
 
 
 def test_the_library_is_built_without_ggmls_amx_kernels():
-    """`make test`'s build leaves them out: on this CPU (Intel, AMX) the quantized files' first product in them
-    segfaulted (2026-12-04), and the runs below end the whole test session instead of failing."""
+    """`make test`'s build leaves them out: on an Intel CPU with AMX the quantized files' first product in them
+    segfaulted (2026-12-04), and with them the runs below end the whole test session instead of failing."""
     assert not built_with_amx(), AMX_BUILD
 
 
