@@ -1,10 +1,12 @@
 """The GGUF files of tools/export_gguf.py in the real llama.cpp (llama-cpp-python, the `llamacpp` extra; CI has it).
 
-Two models, as the seed's users deploy them:
+Three models, as the seed's users deploy them:
 (a) SmolLM2-135M after a vocabulary extension (byte-level BPE, 1000 Chinese tokens), tied and untied head;
 (b) a tiny LLaMA with the seed's merged SentencePiece tokenizer (LLaMA's 32000 + the seed's Chinese pieces = 49953,
-    plus the Alpaca [PAD]).
-For each: llama.cpp's tokenizer gives the HF tokenizer's ids on 200 Chinese/English lines; 32 greedy tokens in
+    plus the Alpaca [PAD]);
+(c) SmolLM2 extended by words as added tokens (`form="words"`), which llama.cpp segments longest first (a test
+    of its own) and runs like transformers.
+For (a) and (b): llama.cpp's tokenizer gives the HF tokenizer's ids on 200 Chinese/English lines; 32 greedy tokens in
 llama.cpp equal transformers' on the HF model (f32 and f16 files); and the file agrees, key by key and tensor by
 tensor, with what llama.cpp's own `convert_hf_to_gguf.py` writes for the same HF directory (DIFFERENCES lists
 what differs on purpose, and why). Quantized files load, keep their logits near f16's, and bad input is refused.
@@ -133,6 +135,20 @@ def seed_llama(seed_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def smollm2_words(assets, tmp_path_factory) -> Path:
+    """SmolLM2 extended by the words of 2+ characters of 1000 learned merges (`form="words"`: added tokens, which
+    the GGUF file holds as user-defined tokens), tied, subword rows."""
+    from zhjax.convert.resize_model import resize_hf_checkpoint
+    from zhjax.tokenizer.bpe import extend_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("smollm2_words")
+    paragraphs = [x for x in assets.corpus_text.read_text(encoding="utf-8").splitlines() if x.strip()]
+    (root / "train.txt").write_text("\n".join(paragraphs[:3000]) + "\n", encoding="utf-8")
+    extend_bpe_tokenizer(assets.smollm2_dir, [root / "train.txt"], 1000, root / "tokenizer", form="words")
+    return Path(resize_hf_checkpoint(assets.smollm2_dir, root / "tokenizer", root / "model", "subword").out_dir)
+
+
 MODELS = ["smollm2_zh/tied", "smollm2_zh/untied", "seed_llama"]
 
 
@@ -189,8 +205,36 @@ def test_llama_cpp_tokenizes_200_lines_like_the_hf_tokenizer(name, hf_dirs, expo
         assert len(new_ids) > 1000  # the extension's tokens are exercised
 
 
+def test_llama_cpp_segments_the_added_words_longest_first(assets, hf_dirs, exported, lines):
+    """With the words form, llama.cpp matches user-defined tokens longest first (its `tokenizer_st_partition`), the
+    HF tokenizer leftmost-longest: where two words overlap they can part differently (`上的|重要` / `上|的重要`).
+    Every llama.cpp segmentation is still the text, in the dictionary's words where it finds them and the base's
+    own BPE between them, with no word left inside the text between two words. (What the difference costs a
+    trained model, README "Vocabulary extension: words": 0.003 bits per character.)"""
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dirs["smollm2_words"])
+    base = transformers.AutoTokenizer.from_pretrained(assets.smollm2_dir)
+    words = {hf.convert_ids_to_tokens(i): i for i in range(len(base), len(hf))}
+    llm = load(exported("smollm2_words", "f32"))
+    differ = used = 0
+    for line in lines:
+        got = llm.tokenize(line.encode("utf-8"), add_bos=False, special=False)
+        assert llm.detokenize(got).decode("utf-8") == line
+        differ += got != hf(line, add_special_tokens=False).input_ids
+        stretch: list[int] = []
+        for token in [*got, None]:
+            if token is not None and token < len(base):
+                stretch.append(token)
+                continue
+            text = base.decode(stretch)
+            assert stretch == base(text, add_special_tokens=False).input_ids, text  # the base's BPE between words
+            assert not any(w in text for w in words), text  # no word left unmatched
+            stretch = []
+            used += token is not None
+    assert used > 300 and 0 < differ < len(lines) // 2, (used, differ)  # (409 words, 7 lines differ)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, "smollm2_words"])
 def test_greedy_32_tokens_equal_transformers(name, dtype, hf_dirs, exported):
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dirs[name])
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[name], dtype=torch.float32).eval()

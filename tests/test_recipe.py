@@ -230,3 +230,11 @@ def test_the_final_export_applies_each_adapter_once(tmp_path, assets):
     assert abs(pretrained[name] - base[name]).max() > 1e-4  # pre-training moved the LoRA'd weights
     for k in final:
         np.testing.assert_allclose(final[k], pretrained[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_an_unknown_new_token_form_is_refused_and_the_demo_adds_words():
+    from zhjax.recipe import load_recipe_config
+
+    with pytest.raises(ValueError, match=r"new_token_form 'chars'; expected one of \('merges', 'words'\)"):
+        load_recipe_config(None, ["new_token_form=chars"])
+    assert load_recipe_config(str(REPO / "configs" / "recipes" / "smollm2-zh-demo.yaml"), []).new_token_form == "words"

@@ -281,3 +281,22 @@ def test_the_shared_fit_lowers_the_grown_models_loss_and_moves_rows_by_kind(setu
     for d in range(0, start.shape[1], 7):
         coef, *_ = np.linalg.lstsq(design[:, d], delta[:, d], rcond=None)
         np.testing.assert_allclose(design[:, d] @ coef, delta[:, d], atol=1e-5, err_msg=f"dimension {d}")
+
+
+def test_distill_fits_words_added_as_tokens(setup, tmp_path):
+    """The words form (`zhjax.tokenizer.bpe`, added tokens in plain text): the fit finds each word's pieces and
+    aligns it to the base by its UTF-8 bytes, and the grown model's next-token distributions after the words are
+    closer to the base's than with the pieces' mean."""
+    _, sample, base_tok_dir, _ = setup
+    words = extend_bpe_tokenizer(base_tok_dir, [sample], 300, tmp_path / "words", form="words").out_dir
+    base_tok, new_tok = AutoTokenizer.from_pretrained(base_tok_dir), AutoTokenizer.from_pretrained(words)
+    assert len(new_tok) > OLD_VOCAB + 10 and all(len(new_tok.convert_ids_to_tokens(i)) >= 2
+                                                  for i in range(OLD_VOCAB, len(new_tok)))
+    base = make_hf_model(tmp_path / "base", True)
+    lines = sorted(set(CHINESE))
+    scores = {}
+    for name, init, cfg in (("subword", "subword", None),
+                            ("distill", "distill", dataclasses.replace(TINY, output_rows="new"))):
+        out = resize_hf_checkpoint(base, words, tmp_path / name, init, seed=0, sample_files=[sample], transfer=cfg)
+        scores[name] = _aligned_scores(base, out.out_dir, base_tok, new_tok, lines)
+    assert scores["distill"][0] < 0.5 * scores["subword"][0], scores

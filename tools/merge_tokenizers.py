@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-frequency", type=int, default=2, help="bpe: least frequency of a learned merge"
     )
+    parser.add_argument(
+        "--form", choices=("merges", "words"), default="merges",
+        help="bpe: new tokens as learned merges (single characters too) or as added words of 2+ characters",
+    )
     parser.add_argument("--eval-text", nargs="*", default=None, help="held-out text files for the report")
     args = parser.parse_args(argv)
 
@@ -119,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 min_frequency=args.min_frequency,
                 show_progress=sys.stderr.isatty(),
                 overwrite=args.overwrite,
+                form=args.form,
             )
             print(
                 f"wrote {args.out}: {ext.vocab_size} tokens = {ext.base_vocab_size} base + {ext.added_tokens} new "
-                f"({ext.added_merges} merges appended, of {ext.learned_merges} learned)"
+                + (f"({ext.added_merges} merges appended, of {ext.learned_merges} learned)" if args.form == "merges" else
+                   f"(words of 2+ characters added as tokens, of {ext.learned_merges} merges learned)")
             )
         lines, padded = with_english(
             read_eval_lines(args.eval_text) if args.eval_text else BUILTIN_EVAL_LINES

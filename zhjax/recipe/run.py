@@ -75,6 +75,10 @@ class RecipeConfig:
     work_dir: str = "outputs/smollm2-zh-demo"
     max_examples: int = 3000
     new_tokens: int = 6000
+    # how the new tokens enter the tokenizer (zhjax.tokenizer.bpe): "merges" (every learned merge's result, single
+    # characters included) or "words" (only the results of two or more characters, as added tokens: a character
+    # outside a word keeps the base's byte spelling)
+    new_token_form: str = "merges"
     resize_init: str = "distill"
     transfer: TransferConfig = field(default_factory=TransferConfig)  # sizes of the distill init's fit
     compare: tuple[str, ...] = ()  # extra runs: "no_extension", "normal_init", "no_extension_sft"
@@ -114,6 +118,11 @@ def load_recipe_config(path: str | None, overrides: list[str]) -> RecipeConfig:
     if cfg.no_extension_budget == "seconds" and not cfg.pretrain.max_train_seconds > 0:
         raise ValueError(f"invalid recipe config {path or ''}: no_extension_budget 'seconds' needs "
                          "pretrain.max_train_seconds > 0 (the training seconds both runs get)")
+    from zhjax.tokenizer.bpe import FORMS
+
+    if cfg.new_token_form not in FORMS:
+        raise ValueError(f"invalid recipe config {path or ''}: new_token_form {cfg.new_token_form!r}; expected one of "
+                         f"{FORMS}")
     from zhjax.convert.resize_model import ALL_INITS
 
     if cfg.resize_init not in ALL_INITS:
@@ -187,9 +196,13 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     def build_tokenizer():
         from zhjax.tokenizer.bpe import extend_bpe_tokenizer
 
-        print(extend_bpe_tokenizer(cfg.base_model, [data / "text" / "train.txt"], cfg.new_tokens, tok, overwrite=True))
+        print(extend_bpe_tokenizer(cfg.base_model, [data / "text" / "train.txt"], cfg.new_tokens, tok, overwrite=True,
+                                   form=cfg.new_token_form))
 
-    stages.run("tokenizer", {"base": cfg.base_model, "n": cfg.new_tokens, "data": stages.done.get("data")}, build_tokenizer)
+    tok_key = {"base": cfg.base_model, "n": cfg.new_tokens, "data": stages.done.get("data")}
+    if cfg.new_token_form != "merges":  # (keyed only when set, so work dirs of the merges form stay cached)
+        tok_key["form"] = cfg.new_token_form
+    stages.run("tokenizer", tok_key, build_tokenizer)
 
     def resize():
         from zhjax.convert.resize_model import resize_hf_checkpoint

@@ -17,6 +17,20 @@ The extension must keep every existing id, special token and English segmentatio
 
 `extend_bpe_tokenizer` writes an HF dir (the base's tokenizer files, `tokenizer.json` updated, plus
 `vocab.json`/`merges.txt` regenerated when the base has them) that `transformers.AutoTokenizer` loads.
+
+Two forms of the new tokens (`form`):
+
+- `"merges"`: the learned merges and their results, as above. A merge learned for a word first completes its
+  characters, so every character on the way to a word becomes a token of its own, and a character that stands
+  where no word was merged is then one new token (a row the model must learn) instead of the base's 2-3 byte
+  tokens (rows the base already knows).
+- `"words"` (the demo's): only the results that are whole text of two or more characters, as *added tokens*
+  (`tokenizer.json`'s `added_tokens`, not special, matched in the text before the base's pipeline runs,
+  leftmost-longest); base merges and vocab are unchanged, so every character not inside a word keeps the base's
+  spelling. The same merges are learned, so `new_tokens` bounds the merges and fewer words come back (the demo's
+  30 000 merges give 26 480 words). llama.cpp loads them as user-defined tokens but matches the longest first
+  instead of the leftmost: where two words overlap (`上的`+`重要` against `上`+`的重要`) it can segment Chinese
+  differently, still into the same dictionary's words (README "Vocabulary extension: words").
 """
 
 from __future__ import annotations
@@ -34,7 +48,12 @@ from zhjax.ownership import check_output_dir, staged_dir
 from zhjax.tokenizer.files import TOKENIZER_FILES
 from zhjax.tokenizer.train import iter_corpus_lines
 
-__all__ = ["BpeExtensionResult", "byte_level_decoder_table", "extend_bpe_tokenizer", "learn_chinese_merges"]
+__all__ = [
+    "FORMS", "BpeExtensionResult", "byte_level_decoder_table", "byte_level_form", "extend_bpe_tokenizer",
+    "learn_chinese_merges",
+]
+
+FORMS = ("merges", "words")
 
 # written here (the extended segmentation); every other tokenizer file of the base is copied as it is
 _REWRITTEN = ("tokenizer.json", "vocab.json", "merges.txt")
@@ -68,6 +87,24 @@ def byte_level_decoder_table() -> dict[str, int]:
             table[chr(256 + shifted)] = b
             shifted += 1
     return table
+
+
+def byte_level_form(text: str) -> str:
+    """`text` written in the byte-level alphabet, as a byte-level BPE's vocab holds it ("中" -> "ä¸Ń")."""
+    char_of = {b: c for c, b in byte_level_decoder_table().items()}
+    return "".join(char_of[b] for b in text.encode("utf-8"))
+
+
+def _word_text(token: str, byte_of: dict[str, int]) -> str | None:
+    """The text of a byte-level token when it is two or more whole characters and cannot be read as a
+    byte-level string itself (every character in the alphabet would make the added token ambiguous), else None."""
+    try:
+        text = bytes(byte_of[c] for c in token).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if len(text) < 2 or all(c in byte_of for c in text):
+        return None
+    return text
 
 
 def _is_byte_level(node: dict | None) -> bool:
@@ -233,6 +270,7 @@ def extend_bpe_tokenizer(
     min_frequency: int = 2,
     show_progress: bool = False,
     overwrite: bool = False,
+    form: str = "merges",
 ) -> BpeExtensionResult:
     """Learn up to `new_tokens` Chinese tokens on `corpus` and write the extended tokenizer to `out_dir`.
 
@@ -240,7 +278,10 @@ def extend_bpe_tokenizer(
     Existing ids, merges (and their ranks), added/special tokens and the pre/post-processing are unchanged;
     new tokens take the ids after the largest existing id. `out_dir` is refused (before any work) when it is,
     contains or lies in `base_dir`, or holds files zhjax did not write unless `overwrite` (`zhjax.ownership`).
+    `form` is "merges" or "words" (the module docstring); with "words" the result's `added_merges` is 0.
     """
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}: expected one of {FORMS}")
     if new_tokens <= 0:
         raise ValueError(f"new_tokens={new_tokens}: expected a positive number of tokens to add")
     base_dir, out = Path(base_dir), Path(out_dir)
@@ -254,6 +295,21 @@ def extend_bpe_tokenizer(
     vocab: dict[str, int] = spec["model"]["vocab"]
     next_id = max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens", []))]) + 1
     added = 0
+    if form == "words":
+        byte_of = byte_level_decoder_table()
+        taken = {t["content"] for t in spec.get("added_tokens", [])}
+        for left, right in merges:
+            text = _word_text(left + right, byte_of)
+            if text is None or text in taken:
+                continue
+            taken.add(text)
+            spec.setdefault("added_tokens", []).append({
+                "id": next_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": False,
+            })
+            next_id += 1
+            added += 1
+        merges = []
     for left, right in merges:
         if left + right not in vocab:
             vocab[left + right] = next_id

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from zhjax.tokenizer.bpe import byte_level_decoder_table, byte_level_form
+
 __all__ = ["INITS", "resize_embedding", "subword_source_ids"]
 
 INITS = ("normal", "mean", "subword")
@@ -122,7 +124,8 @@ def subword_source_ids(base_tokenizer: Any, new_tokenizer: Any, old_vocab_size: 
     normalizer and pre-tokenizer: a byte-level token (e.g. 'ä¸Ńå¤®', possibly a partial UTF-8 character)
     and a SentencePiece piece ('▁中国', with its word-start marker) are already in the form the model works
     on, and going through text would add a dummy prefix or break partial characters. Both tokenizers must
-    share that form, which holds when the new tokenizer extends the base (`merge`, `bpe`). Special added
+    share that form, which holds when the new tokenizer extends the base (`merge`, `bpe`); a byte-level base's
+    new words added as plain text (`bpe`'s form "words") are written in the byte-level alphabet first. Special added
     tokens (e.g. "[PAD]") get an empty list, which `resize_embedding` reads as "mean of all old rows".
     Accepts HF tokenizers (tokenizers-backed) or `tokenizers.Tokenizer` objects.
     """
@@ -131,12 +134,17 @@ def subword_source_ids(base_tokenizer: Any, new_tokenizer: Any, old_vocab_size: 
     if old_vocab_size > new_size:
         raise ValueError(f"old_vocab_size={old_vocab_size} exceeds the new tokenizer's {new_size} tokens")
     special = {token.content for token in new.get_added_tokens_decoder().values() if token.special}
+    # a byte-level base's words added as plain text (`zhjax.tokenizer.bpe`, form "words"): in the model's form
+    byte_level = "ByteLevel" in str(base.decoder)
+    alphabet = byte_level_decoder_table() if byte_level else {}
     sources: list[list[int]] = []
     for token_id in range(old_vocab_size, new_size):
         token = new.id_to_token(token_id)
         if token is None or token in special:
             sources.append([])
             continue
+        if byte_level and not all(c in alphabet for c in token):
+            token = byte_level_form(token)
         ids = [piece.id for piece in base.model.tokenize(token)]
         if any(i >= old_vocab_size for i in ids):
             raise ValueError(
