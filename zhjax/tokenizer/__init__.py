@@ -3,7 +3,8 @@ byte-level BPE base, grow the embedding rows, and guard against mismatched vocab
 
 - `train`: SentencePiece training, streamed from files.
 - `merge`: the seed's SentencePiece merge (score modes "rank" and "seed") and its HF tokenizer dir.
-- `bpe`: byte-level BPE (tokenizer.json) extension with merges learned on top of the base.
+- `bpe`: byte-level BPE (tokenizer.json) extension with merges learned on top of the base, added as merges or,
+  form "words", as added tokens of two or more characters.
 - `resize`: new embedding / LM-head rows (normal, mean, subword).
 - `guards`: vocab-size and tokenizer-dir checks with actionable errors.
 """
