@@ -49,8 +49,8 @@ from zhjax.tokenizer.files import TOKENIZER_FILES
 from zhjax.tokenizer.train import iter_corpus_lines
 
 __all__ = [
-    "FORMS", "BpeExtensionResult", "byte_level_decoder_table", "byte_level_form", "extend_bpe_tokenizer",
-    "learn_chinese_merges",
+    "FORMS", "BpeExtensionResult", "byte_level_decoder_table", "byte_level_form", "byte_level_token",
+    "extend_bpe_tokenizer", "learn_chinese_merges",
 ]
 
 FORMS = ("merges", "words")
@@ -93,6 +93,14 @@ def byte_level_form(text: str) -> str:
     """`text` written in the byte-level alphabet, as a byte-level BPE's vocab holds it ("中" -> "ä¸Ń")."""
     char_of = {b: c for c, b in byte_level_decoder_table().items()}
     return "".join(char_of[b] for b in text.encode("utf-8"))
+
+
+def byte_level_token(token: str, alphabet: dict[str, int] | None = None) -> str:
+    """A byte-level BPE's token string as its vocab would hold it: a vocab token as it is, a word added as plain text
+    (form "words", which `_word_text` keeps out of the alphabet) in the byte-level alphabet. `alphabet`:
+    `byte_level_decoder_table()`, passed by callers that convert many tokens."""
+    alphabet = alphabet if alphabet is not None else byte_level_decoder_table()
+    return token if all(c in alphabet for c in token) else byte_level_form(token)
 
 
 def _word_text(token: str, byte_of: dict[str, int]) -> str | None:

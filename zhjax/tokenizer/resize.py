@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from zhjax.tokenizer.bpe import byte_level_decoder_table, byte_level_form
+from zhjax.tokenizer.bpe import byte_level_decoder_table, byte_level_token
 
 __all__ = ["INITS", "resize_embedding", "subword_source_ids"]
 
@@ -143,8 +143,8 @@ def subword_source_ids(base_tokenizer: Any, new_tokenizer: Any, old_vocab_size: 
         if token is None or token in special:
             sources.append([])
             continue
-        if byte_level and not all(c in alphabet for c in token):
-            token = byte_level_form(token)
+        if byte_level:
+            token = byte_level_token(token, alphabet)
         ids = [piece.id for piece in base.model.tokenize(token)]
         if any(i >= old_vocab_size for i in ids):
             raise ValueError(

@@ -145,11 +145,10 @@ class Chunks:
 def _byte_lengths(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     """Bytes each token of a byte-level BPE stands for: one character of its token string per byte, or, for a word
     added as plain text (`zhjax.tokenizer.bpe`, form "words"), its UTF-8 length."""
-    from zhjax.tokenizer.bpe import byte_level_decoder_table
+    from zhjax.tokenizer.bpe import byte_level_decoder_table, byte_level_token
 
     alphabet = byte_level_decoder_table()
-    return [len(t) if all(c in alphabet for c in t) else len(t.encode("utf-8"))
-            for t in tokenizer.convert_ids_to_tokens(list(ids))]
+    return [len(byte_level_token(t, alphabet)) for t in tokenizer.convert_ids_to_tokens(list(ids))]
 
 
 def align_chunks(base_tok: Any, new_tok: Any, lines: Sequence[str], chunk_tokens: int) -> Chunks:
