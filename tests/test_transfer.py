@@ -239,7 +239,7 @@ def test_the_bf16_output_fit_lands_where_the_fp32_fit_does(setup, tmp_path):
 
 
 def test_an_unknown_output_dtype_is_refused():
-    with pytest.raises(ValueError, match=r"transfer.output_dtype='fp8': expected one of \('float32', 'bfloat16'\)"):
+    with pytest.raises(ValueError, match=r"transfer.output_dtype='fp8': expected one of \('auto', 'float32', 'bfloat16'\)"):
         TransferConfig(output_dtype="fp8")
 
 

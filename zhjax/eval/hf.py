@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCORING_DTYPES = ("float32", "bfloat16")
+from zhjax.precision import resolve_dtype
+
+SCORING_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -49,7 +51,9 @@ def bits_per_character(model, tokenizer, lines: Sequence[str], *, batch_tokens: 
     Lines are scored longest first in batches of about `batch_tokens` padded tokens, so a batch holds rows of
     similar length and little padding; the loss is `cross_entropy` over the real tokens only, in float32.
     `dtype="bfloat16"` runs the model under `torch.autocast` (bf16 products, the loss still float32): half the
-    time on a CPU with AVX-512 BF16, 0.002-0.005 bits per character off float32 on the demo's models.
+    time on a CPU with AVX-512 BF16, 0.002-0.005 bits per character off float32 on the demo's models, but 6.5x the
+    time on a CPU without it (AVX2 only); "auto" takes bf16 where the model's device multiplies it natively
+    (`zhjax.precision`).
     """
     import contextlib
 
@@ -57,6 +61,7 @@ def bits_per_character(model, tokenizer, lines: Sequence[str], *, batch_tokens: 
 
     if dtype not in SCORING_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {SCORING_DTYPES}")
+    dtype = resolve_dtype(dtype, model.device.type)
     precision = (torch.autocast(model.device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                  else contextlib.nullcontext())
 

@@ -51,8 +51,9 @@ class EvalConfig:
     # each held-out paragraph is cut to this many characters before any tokenizer sees it, so that every model is
     # scored on the same text (a cut in tokens would keep 2.7x more of a paragraph for the extended tokenizer)
     heldout_max_chars: int = 512
-    # the precision the held-out text is scored in: "float32", or "bfloat16" (bf16 products under torch.autocast,
-    # the loss in float32): half the time on a CPU with AVX-512 BF16, 0.002-0.005 bits per character off float32
+    # the precision the held-out text is scored in: "float32", "bfloat16" (bf16 products under torch.autocast, the
+    # loss in float32: half the time on a CPU with AVX-512 BF16, 0.002-0.005 bits per character off float32; 6.5x
+    # the time on one without it) or "auto" (bf16 where the CPU or GPU multiplies it natively: zhjax.precision)
     dtype: str = "float32"
     test_examples: int = 60
     max_new_tokens: int = 64

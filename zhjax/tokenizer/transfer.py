@@ -66,6 +66,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from zhjax.precision import resolve_dtype
+
 __all__ = ["TransferConfig", "TransferResult", "align_chunks", "transfer_rows"]
 
 
@@ -88,8 +90,9 @@ class TransferConfig:
     output_target: str = "data"  # "data": the sample's next token; "base": the base's log-probability of its pieces
     output_rows: str = "seen"  # "seen": the new head rows and the old rows of the tokens the sample predicts | "new"
     # the output fit's `[positions, rows]` products: "bfloat16" (fp32 accumulation; 1.35x faster on 2 cores with
-    # AVX-512 BF16, the same held-out start: README "Where training starts") or "float32"
-    output_dtype: str = "bfloat16"
+    # AVX-512 BF16, the same held-out start: README "Where training starts"), "float32", or "auto": bf16 where the
+    # device multiplies it natively, else float32 (zhjax.precision; on an AVX2-only CPU bf16 is the slower one)
+    output_dtype: str = "auto"
     position_chunk: int = 4096  # sample positions per logits block of the output fit (memory, not results)
     # before the per-row fit: steps of a fit shared by every row of a kind (see `_fit_shared`); 0: none
     shared_steps: int = 40
@@ -99,7 +102,7 @@ class TransferConfig:
 
     def __post_init__(self):
         checks = {"input_start": ("mean", "last", "weighted"), "output_target": ("data", "base"),
-                  "output_rows": ("seen", "new"), "output_dtype": ("float32", "bfloat16")}
+                  "output_rows": ("seen", "new"), "output_dtype": ("auto", "float32", "bfloat16")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"transfer.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -357,7 +360,7 @@ def transfer_rows(
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape(-1, chunk, *x.shape[1:])
 
-    fit_dt = jnp.dtype(config.output_dtype)
+    fit_dt = jnp.dtype(resolve_dtype(config.output_dtype, jax.default_backend()))
 
     def product(a, b):  # [positions, D] x [rows, D] -> fp32 logits, the inputs in the fit's dtype
         return jnp.einsum("pd,rd->pr", a.astype(fit_dt), b.astype(fit_dt), preferred_element_type=jnp.float32)

@@ -46,7 +46,8 @@ class JobConfig:
 
     The model comes from `init_from` (an HF directory or a zhjax base checkpoint) or, when that is unset, is
     initialised at random from `model` (tiny test presets). `dtype` is the compute dtype and the storage dtype of
-    the frozen base; trainable weights and optimizer state are always float32.
+    the frozen base ("auto": bfloat16 where the devices multiply it natively, else float32, `zhjax.precision`);
+    trainable weights and optimizer state are always float32.
     """
 
     init_from: str | None = None
@@ -55,7 +56,7 @@ class JobConfig:
     adapters_from: str | None = None
     full_finetuning: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     # the stacked layers' saved activations cost more to write and read back than recomputing all but the
     # projections' outputs (README: "The training step"); `none` saves everything
     remat: str = "dots_with_no_batch_dims"

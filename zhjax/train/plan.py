@@ -35,6 +35,7 @@ from zhjax.config import ModelConfig
 from zhjax.model.llama import LlamaForCausalLM
 from zhjax.model.params import count_params, split_model, trainable_filter
 from zhjax.parallel.mesh import make_mesh
+from zhjax.precision import resolve_dtype
 from zhjax.train.config import JobConfig
 from zhjax.train.metrics import flops_per_token
 from zhjax.train.optim import build_optimizer
@@ -134,13 +135,16 @@ class Plan:
         return f"per-device total: {self.total_bytes / GIB:.2f} GiB of {self.capacity_bytes / GIB:.2f} GiB ({verdict})"
 
 
-def job_model_config(cfg: JobConfig) -> tuple[ModelConfig, str]:
+def job_model_config(cfg: JobConfig, backend: str | None = None) -> tuple[ModelConfig, str]:
     """The job's architecture with the trainer's numerics, and where it came from (no weights are read).
+
+    `backend` is the platform the job will run on (`dtype: auto` depends on it; default: this process's backend).
 
     `init_from`'s config (HF `config.json` or zhjax `zhjax.json`) wins when that directory exists here, as in the
     trainer; else the `model:` section (the recipes carry the real architectures for exactly this).
     """
-    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
+    dtype = resolve_dtype(cfg.dtype, backend or jax.default_backend())
+    numerics = dict(dtype=dtype, param_dtype=dtype, remat=cfg.remat, attention=cfg.attention)
     if hasattr(cfg, "remat_names"):  # the names `save_only_these_names` keeps
         numerics["remat_names"] = cfg.remat_names
     source = Path(cfg.init_from) if cfg.init_from else None
@@ -191,7 +195,7 @@ def lower_job(cfg: JobConfig, kind: str, devices: Sequence) -> LoweredJob:
     shardings the trainer gives them.
     """
     mesh = make_mesh(cfg.mesh, devices)
-    model_cfg, _ = job_model_config(cfg)
+    model_cfg, _ = job_model_config(cfg, devices[0].platform)
     lora = None if cfg.full_finetuning else cfg.lora
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_cfg, lora, rngs=nnx.Rngs(cfg.seed)))
     graphdef, trainable, frozen = split_model(abstract, trainable_filter(abstract.lora, cfg.full_finetuning))

@@ -153,8 +153,8 @@ def plan_one(args) -> int:
     kind = _job_kind(args)
     try:
         cfg = _load(args.config, kind, args.overrides)
-        model, source = plan.job_model_config(cfg)
         devices, capacity, where = _target(args)
+        model, source = plan.job_model_config(cfg, devices[0].platform)
     except (ValueError, RuntimeError) as e:
         print(f"zhjax plan: {e}", file=sys.stderr)
         return 2
@@ -203,7 +203,7 @@ def print_table(topologies: list[str], cache_path: str | None = None, only: list
         if only and not any(word in label for word in only):
             continue
         cfg = _load(config, kind, [])
-        model, _ = plan.job_model_config(cfg)
+        model, _ = plan.job_model_config(cfg, "tpu")
         cells, first = [], None
         for topo in topologies:
             # start from the recipe's batch, or where the same architecture's search on this slice ended

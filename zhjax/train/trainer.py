@@ -40,6 +40,7 @@ from zhjax.model.llama import LlamaForCausalLM
 from zhjax.model.params import count_params, split_model, trainable_filter, variable_value
 from zhjax.parallel.mesh import make_mesh
 from zhjax.parallel.rules import state_shardings
+from zhjax.precision import resolve_dtype
 from zhjax.train.checkpoint import RunCheckpointer
 from zhjax.train.config import JobConfig
 from zhjax.train.data_setup import TrainData, build_data
@@ -64,7 +65,8 @@ def build_model(cfg: JobConfig, mesh: jax.sharding.Mesh) -> LlamaForCausalLM:
     from zhjax.convert.hf import load_params, read_config
 
     lora = None if cfg.full_finetuning else cfg.lora
-    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.dtype, remat=cfg.remat, remat_names=cfg.remat_names,
+    dtype = resolve_dtype(cfg.dtype, mesh.devices.flat[0].platform)
+    numerics = dict(dtype=dtype, param_dtype=dtype, remat=cfg.remat, remat_names=cfg.remat_names,
                     attention=cfg.attention)
     if cfg.init_from and (Path(cfg.init_from) / "zhjax.json").exists():
         base = load_base_checkpoint(cfg.init_from)
@@ -413,7 +415,8 @@ class _Meter:
         run.logger.text(
             f"{run.kind}: {length}, global batch {d.global_batch // d.accum} x {d.accum} accum x "
             f"{d.seq_len} tokens, mesh {dict(mesh.shape)}, trainable {n_train:,} / frozen {n_frozen:,} params, "
-            f"attention {cfg.attention}, remat {cfg.remat}"
+            f"dtype {run.model_cfg.dtype}{' (auto)' if cfg.dtype == 'auto' else ''}, attention {cfg.attention}, "
+            f"remat {cfg.remat}"
         )
         if run.is_main:
             run.out.sync()  # a remote run shows its config (and random base) before the first save

@@ -64,8 +64,8 @@ def _check_numbers(cfg) -> list[str]:
         value = getattr(cfg, name)
         if value is not None and not _int_at_least(value, 1):
             out.append(f"{name}={value!r}: expected a positive integer or null")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        out.append(f"dtype={cfg.dtype!r}: expected float32, bfloat16 or float16")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        out.append(f"dtype={cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
     return out
 
 
