@@ -126,12 +126,13 @@ def test_a_held_out_cut_of_no_characters_is_refused():
         load_recipe_config(None, ["eval.heldout_max_chars=0"])
 
 
-def test_a_scoring_precision_other_than_float32_or_bfloat16_is_refused():
+def test_a_scoring_precision_other_than_auto_float32_or_bfloat16_is_refused():
     from zhjax.recipe import load_recipe_config
 
-    with pytest.raises(ValueError, match=r"eval.dtype 'float16'; expected one of \('float32', 'bfloat16'\)"):
+    with pytest.raises(ValueError, match=r"eval.dtype 'float16'; expected one of \('auto', 'float32', 'bfloat16'\)"):
         load_recipe_config(None, ["eval.dtype=float16"])
     assert load_recipe_config(None, ["eval.dtype=bfloat16"]).eval.dtype == "bfloat16"
+    assert load_recipe_config(None, ["eval.dtype=auto"]).eval.dtype == "auto"
 
 
 def test_no_held_out_paragraphs_is_refused():
