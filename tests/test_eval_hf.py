@@ -55,7 +55,7 @@ def test_bfloat16_scoring_runs_in_bf16_and_stays_within_a_hundredth_of_a_bit_of_
     assert half.bits_per_char != full.bits_per_char  # the products did run in bf16
     assert half.bits_per_char == pytest.approx(full.bits_per_char, abs=0.01)
     assert (half.tokens, half.characters) == (full.tokens, full.characters)
-    with pytest.raises(ValueError, match=r"dtype 'float16': expected one of \('float32', 'bfloat16'\)"):
+    with pytest.raises(ValueError, match=r"dtype 'float16': expected one of \('auto', 'float32', 'bfloat16'\)"):
         bits_per_character(model, tok, lines, dtype="float16")
 
 
