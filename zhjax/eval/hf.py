@@ -51,7 +51,7 @@ def bits_per_character(model, tokenizer, lines: Sequence[str], *, batch_tokens: 
     Lines are scored longest first in batches of about `batch_tokens` padded tokens, so a batch holds rows of
     similar length and little padding; the loss is `cross_entropy` over the real tokens only, in float32.
     `dtype="bfloat16"` runs the model under `torch.autocast` (bf16 products, the loss still float32): half the
-    time on a CPU with AVX-512 BF16, 0.002-0.005 bits per character off float32 on the demo's models, but 6.5x the
+    time on a CPU with AVX-512 BF16, 0.002-0.005 bits per character off float32 on the demo's models, but 6.3x the
     time on a CPU without it (AVX2 only); "auto" takes bf16 where the model's device multiplies it natively
     (`zhjax.precision`).
     """

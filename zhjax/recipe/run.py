@@ -52,7 +52,7 @@ class EvalConfig:
     # scored on the same text (a cut in tokens would keep 2.7x more of a paragraph for the extended tokenizer)
     heldout_max_chars: int = 512
     # the precision the held-out text is scored in: "float32", "bfloat16" (bf16 products under torch.autocast, the
-    # loss in float32: half the time on a CPU with AVX-512 BF16, 0.002-0.005 bits per character off float32; 6.5x
+    # loss in float32: half the time on a CPU with AVX-512 BF16, 0.002-0.005 bits per character off float32; 6.3x
     # the time on one without it) or "auto" (bf16 where the CPU or GPU multiplies it natively: zhjax.precision)
     dtype: str = "float32"
     test_examples: int = 60
