@@ -3,9 +3,9 @@
 GPUs and TPUs multiply bf16 natively, and so do x86 CPUs with AVX-512 BF16 (Intel Cooper Lake, Sapphire Rapids and
 later with AMX; AMD Zen 4 and later). Other CPUs (AVX2 only: most laptops, older servers) convert every product,
 which makes bf16 the slower choice there: on a 2-core AMD EPYC with AVX2 only, the demo's training step took 13.7 s
-in bf16 against 9.2 s in float32 (`bench/train.py`), and scoring held-out text under torch's bf16 autocast
-110 s against 17 s (`bench/precision.py`; README: "Performance"). `resolve_dtype("auto")` picks per machine; the training jobs, the recipe's
-evaluation and the transfer init's output fit all take "auto", and their defaults are it.
+in bf16 against 9.2 s in float32 (`bench/train.py`), and scoring held-out text under torch's bf16 autocast 110 s
+against 17 s (`bench/precision.py`; README: "Performance"). `resolve_dtype("auto")` picks per machine: the training
+jobs and the transfer init's output fit default to "auto", and the recipe's held-out scoring (`eval.dtype`) takes it.
 
 The CPU's features come from `/proc/cpuinfo` (Linux); where it cannot be read, a CPU counts as without them.
 """
